@@ -1,0 +1,80 @@
+"""The PARD speculative decoding loop; with no draft it is plain decoding.
+
+Each step:
+  1. the draft reads the accepted tokens it has not seen plus K-1 PARD (mask) tokens
+     and proposes K tokens from its last K logits, in one forward pass; its cache then
+     drops the masks, so it only ever holds real tokens;
+  2. the target reads [tokens it has not seen] + the K proposals in one pass;
+  3. proposals are kept while they equal the target's choice at the previous
+     position, then the target's own choice is appended (the correction, or the bonus
+     token when all K were kept);
+  4. the target's cache is trimmed to the accepted length.
+So every step emits 1..K+1 tokens, exactly the target's own greedy output.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .runner import CausalLMRunner
+
+Chooser = Callable[[torch.Tensor], list[int]]  # logits (n, vocab) -> n token ids
+
+
+@dataclass
+class Step:
+    tokens: list[int]  # accepted proposals + the target's correction/bonus token
+    num_proposed: int
+    draft_s: float
+    target_s: float
+
+
+def greedy(logits: torch.Tensor) -> list[int]:
+    return logits.argmax(dim=-1).tolist()
+
+
+def propose(draft: CausalLMRunner, unseen: list[int], k: int, pard_token: int) -> list[int]:
+    """K draft tokens from one forward pass over ``unseen`` + K-1 PARD tokens."""
+    logits = draft.forward(unseen + [pard_token] * (k - 1), num_logits=k)
+    draft.crop(k - 1)  # the draft's cache keeps real tokens only
+    return greedy(logits)
+
+
+def decode(
+    target: CausalLMRunner,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    draft: CausalLMRunner | None = None,
+    k: int = 0,
+    pard_token: int | None = None,
+    choose: Chooser = greedy,
+) -> Iterator[Step]:
+    """Yield the tokens accepted at each step until ``max_new_tokens`` are produced.
+    The caller stops early (EOS, stop strings) simply by not asking for more."""
+    target.reset()
+    if draft is not None:
+        draft.reset()
+    target_unseen, draft_unseen = list(prompt_ids), list(prompt_ids)
+    produced = 0
+    while produced < max_new_tokens:
+        # never propose beyond the last token we may emit
+        k_step = min(k, max_new_tokens - produced - 1) if draft is not None else 0
+        t0 = time.perf_counter()
+        proposal = propose(draft, draft_unseen, k_step, pard_token) if k_step else []
+        if k_step:
+            draft_unseen = []
+        t1 = time.perf_counter()
+        choices = choose(target.forward(target_unseen + proposal, num_logits=k_step + 1))
+        n = 0
+        while n < k_step and proposal[n] == choices[n]:
+            n += 1
+        accepted = proposal[:n] + [choices[n]]
+        target.crop(k_step - n)  # drop the rejected proposals
+        t2 = time.perf_counter()
+        target_unseen = accepted[-1:]
+        draft_unseen += accepted
+        produced += len(accepted)
+        yield Step(accepted, k_step, t1 - t0, t2 - t1)

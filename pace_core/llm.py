@@ -1,0 +1,288 @@
+"""LLMModel: a target model with an optional PARD draft, behind generate / stream / chat."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .configs import ModelConfig, PardSpecDecodeConfig, SamplingConfig
+from .decoder import decode, greedy
+from .loading import (
+    ModelLoadError,
+    check_same_tokenizer,
+    context_length,
+    load_causal_lm,
+    load_tokenizer,
+    read_pard_token,
+    stop_token_ids,
+)
+from .runner import CausalLMRunner
+from .stopping import OutputBuilder
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LLMModel", "PardSpecDecodeConfig", "SamplingConfig", "GenerationOutput", "GenerationStats", "StreamChunk"]
+
+
+class RequestError(ValueError):
+    """A request this model cannot serve as asked (e.g. longer than its context)."""
+
+
+@dataclass
+class GenerationStats:
+    steps: int = 0
+    accepted_per_step: list[int] = field(default_factory=list)  # tokens emitted per step (incl. correction)
+    draft_time_s: float = 0.0
+    target_time_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    total_time_s: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.accepted_per_step)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.num_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_tokens / self.total_time_s if self.total_time_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "accepted_per_step": list(self.accepted_per_step),
+            "mean_accepted_length": self.mean_accepted_length,
+            "draft_time_s": self.draft_time_s,
+            "target_time_s": self.target_time_s,
+            "time_to_first_token_s": self.time_to_first_token_s,
+            "total_time_s": self.total_time_s,
+            "tokens_per_s": self.tokens_per_s,
+        }
+
+
+@dataclass
+class StreamChunk:
+    token_ids: list[int]  # new tokens in this chunk
+    text: str  # new text (UTF-8 safe; empty when return_text=False)
+    finish_reason: str | None  # "stop" / "length" on the last chunk
+    stats: GenerationStats  # running stats (final on the last chunk)
+
+
+@dataclass
+class GenerationOutput:
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str
+    prompt_token_ids: list[int]
+    stats: GenerationStats
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+class LLMModel:
+    """A target LLM, optionally with a PARD draft for speculative decoding.
+
+    >>> model = LLMModel("path/to/target", dtype="float32",
+    ...                  pard_config=PardSpecDecodeConfig(model_name_or_path="path/to/draft"))
+    >>> model.generate("def fib(n):", SamplingConfig(max_new_tokens=32)).text
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        dtype: str | torch.dtype = "bfloat16",
+        pard_config: PardSpecDecodeConfig | None = None,
+        tokenizer_name_or_path: str | None = None,
+        trust_remote_code: bool = False,
+        num_threads: int | None = None,
+        spec_config: PardSpecDecodeConfig | None = None,  # AMD PACE's name for pard_config
+    ):
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        if spec_config is not None and pard_config is not None:
+            raise ValueError("pass either pard_config or spec_config (its AMD PACE alias), not both")
+        self.config = ModelConfig(
+            model_name_or_path=model_name_or_path,
+            dtype=dtype,
+            tokenizer_name_or_path=tokenizer_name_or_path,
+            pard_config=pard_config or spec_config,
+            trust_remote_code=trust_remote_code,
+            num_threads=num_threads,
+        )
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        cfg = self.config
+        t0 = time.perf_counter()
+        self.tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+        target = load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code)
+        self.target = CausalLMRunner(target)
+        self.stop_token_ids = stop_token_ids(target, self.tokenizer)
+        self.max_context = context_length(target.config)
+        self.draft: CausalLMRunner | None = None
+        self.pard_token: int | None = None
+        if cfg.pard_config is not None:
+            self._load_draft(cfg.pard_config)
+        self._lock = threading.Lock()
+        logger.info("loaded %s%s in %.1fs", cfg.model_name_or_path,
+                    f" + PARD draft {cfg.pard_config.model_name_or_path}" if self.draft else "", time.perf_counter() - t0)
+
+    def _load_draft(self, pard: PardSpecDecodeConfig) -> None:
+        cfg = self.config
+        draft = load_causal_lm(pard.model_name_or_path, cfg.dtype, cfg.trust_remote_code)
+        try:
+            draft_tokenizer = load_tokenizer(pard.model_name_or_path, cfg.trust_remote_code)
+        except Exception:  # a draft shipped without tokenizer files
+            logger.warning("the draft %s has no tokenizer: checking vocabulary sizes only", pard.model_name_or_path)
+        else:
+            check_same_tokenizer(self.tokenizer, draft_tokenizer)
+        self.pard_token = read_pard_token(draft.config, pard.pard_token)
+        # padded embeddings (e.g. 151936 vs 152064): propose only ids both models have
+        limit = min(draft.config.vocab_size, self.target.model.config.vocab_size)
+        if limit < len(self.tokenizer) - 1:
+            raise ModelLoadError(
+                f"the draft's vocabulary ({draft.config.vocab_size}) is smaller than the tokenizer's ({len(self.tokenizer)}): "
+                "a PARD draft must share its target's tokenizer"
+            )
+        self.draft = CausalLMRunner(draft, vocab_limit=limit)
+        self.draft_context = context_length(draft.config)
+
+    # ---------------------------------------------------------------- helpers
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        return self.config.pard_config.num_speculative_tokens if self.draft else 0
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty: give at least one character or token id")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
+        if not ids:
+            raise RequestError("the prompt is empty: give at least one token id")
+        vocab = self.target.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        return ids
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError("this model's tokenizer has no chat template: use generate() with a plain prompt")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def check_request(self, prompt_ids: list[int], sampling: SamplingConfig) -> None:
+        """Raise RequestError for what this model cannot do, before any work."""
+        for name, limit in (("target", self.max_context), ("draft", getattr(self, "draft_context", None) if self.draft else None)):
+            if limit and len(prompt_ids) + sampling.max_new_tokens > limit:
+                raise RequestError(
+                    f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the {name}'s "
+                    f"context length of {limit} tokens: shorten the prompt or lower max_new_tokens"
+                )
+        if not sampling.greedy and self.draft is not None:
+            raise RequestError(
+                f"temperature={sampling.temperature}: PARD speculative decoding is greedy-only for now; "
+                "use temperature=0, or load the model without pard_config to sample"
+            )
+
+    # ---------------------------------------------------------------- generation
+    def stream(self, prompt: str | Sequence[int], sampling_config: SamplingConfig | None = None) -> Iterator[StreamChunk]:
+        """Yield chunks as they are accepted. Closing the generator stops generation
+        within the current step."""
+        sampling = sampling_config or SamplingConfig()
+        prompt_ids = self.encode(prompt)
+        yield from self._stream_ids(prompt_ids, sampling)
+
+    def _stream_ids(self, prompt_ids: list[int], sampling: SamplingConfig) -> Iterator[StreamChunk]:
+        self.check_request(prompt_ids, sampling)
+        out = OutputBuilder(
+            self.tokenizer,
+            sampling.max_new_tokens,
+            stop_token_ids=(set() if sampling.ignore_eos else self.stop_token_ids) | set(sampling.stop_token_ids or ()),
+            stop_strings=sampling.stop,
+            skip_special_tokens=sampling.skip_special_tokens,
+            want_text=sampling.return_text,
+        )
+        stats = GenerationStats()
+        with self._lock:
+            t0 = time.perf_counter()
+            steps = decode(self.target, prompt_ids, sampling.max_new_tokens, self.draft,
+                           self.num_speculative_tokens, self.pard_token, self._chooser(sampling))
+            try:
+                for step in steps:
+                    delta = out.add(step.tokens)
+                    stats.steps += 1
+                    stats.accepted_per_step.append(len(delta.token_ids))
+                    stats.draft_time_s += step.draft_s
+                    stats.target_time_s += step.target_s
+                    stats.total_time_s = time.perf_counter() - t0
+                    if stats.steps == 1:
+                        stats.time_to_first_token_s = stats.total_time_s
+                    if delta.token_ids or delta.text or delta.finish_reason:
+                        yield StreamChunk(delta.token_ids, delta.text, delta.finish_reason, stats)
+                    if delta.finish_reason:
+                        return
+            finally:
+                steps.close()
+
+    def generate(self, prompt: str | Sequence[int] | list[str], sampling_config: SamplingConfig | None = None):
+        """Generate for one prompt (text or token ids); a list of strings gives a list of outputs."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            return [self.generate(p, sampling_config) for p in prompt]
+        sampling = sampling_config or SamplingConfig()
+        prompt_ids = self.encode(prompt)
+        return self._collect(prompt_ids, sampling)
+
+    def chat(self, messages: list[dict], sampling_config: SamplingConfig | None = None, stream: bool = False):
+        """Apply the tokenizer's chat template, then generate (or stream)."""
+        sampling = sampling_config or SamplingConfig()
+        prompt_ids = self.apply_chat_template(messages)
+        return self._stream_ids(prompt_ids, sampling) if stream else self._collect(prompt_ids, sampling)
+
+    def _collect(self, prompt_ids: list[int], sampling: SamplingConfig) -> GenerationOutput:
+        token_ids: list[int] = []
+        text: list[str] = []
+        chunk = None
+        for chunk in self._stream_ids(prompt_ids, sampling):
+            token_ids += chunk.token_ids
+            text.append(chunk.text)
+        return GenerationOutput(
+            text="".join(text) if sampling.return_text else None,
+            token_ids=token_ids,
+            finish_reason=chunk.finish_reason,
+            prompt_token_ids=prompt_ids,
+            stats=chunk.stats,
+        )
+
+    @staticmethod
+    def _chooser(sampling: SamplingConfig):
+        if sampling.greedy:
+            return greedy
+        gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+
+        def sample(logits: torch.Tensor) -> list[int]:
+            logits = logits / sampling.temperature
+            if sampling.top_k:
+                kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            if sampling.top_p < 1.0:
+                sorted_p, idx = probs.sort(dim=-1, descending=True)
+                drop = sorted_p.cumsum(-1) - sorted_p > sampling.top_p
+                probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+            return torch.multinomial(probs, 1, generator=gen).squeeze(-1).tolist()
+
+        return sample

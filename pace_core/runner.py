@@ -1,0 +1,40 @@
+"""One causal LM plus its KV cache, behind the three operations the decoder needs:
+feed tokens (getting the logits of the last few), crop the cache, reset.
+
+The same class runs the target and the draft, with or without speculation, so the
+plain greedy baseline is measured with exactly the same machinery. Model-specific
+details (cache classes, keyword names) stay here, out of the decoder loop.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class CausalLMRunner:
+    def __init__(self, model, vocab_limit: int | None = None):
+        self.model = model
+        # ids >= vocab_limit are padding rows of the embedding: never proposed
+        self.vocab_limit = vocab_limit or model.config.vocab_size
+        self.cache = None
+        self.seq_len = 0
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        self.seq_len = 0
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int], num_logits: int) -> torch.Tensor:
+        """Append ``token_ids`` to the sequence; return the float logits of the last
+        ``num_logits`` positions, shape (num_logits, vocab)."""
+        input_ids = torch.tensor([token_ids], dtype=torch.long)
+        out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=num_logits)
+        self.seq_len += len(token_ids)
+        return out.logits[0, -num_logits:, : self.vocab_limit].float()
+
+    def crop(self, num_tokens: int) -> None:
+        """Drop the last ``num_tokens`` entries of the KV cache."""
+        if num_tokens > 0:
+            self.cache.crop(-num_tokens)
+            self.seq_len -= num_tokens
