@@ -62,11 +62,11 @@ def decode(
     while produced < max_new_tokens:
         # never propose beyond the last token we may emit
         k_step = min(k, max_new_tokens - produced - 1) if draft is not None else 0
-        t0 = time.perf_counter()
-        proposal = propose(draft, draft_unseen, k_step, pard_token) if k_step else []
+        t0 = t1 = time.perf_counter()
+        proposal = []
         if k_step:
-            draft_unseen = []
-        t1 = time.perf_counter()
+            proposal, draft_unseen = propose(draft, draft_unseen, k_step, pard_token), []
+            t1 = time.perf_counter()
         choices = choose(target.forward(target_unseen + proposal, num_logits=k_step + 1))
         n = 0
         while n < k_step and proposal[n] == choices[n]:

@@ -128,8 +128,10 @@ class LLMModel:
         self.max_context = context_length(target.config)
         self.draft: CausalLMRunner | None = None
         self.pard_token: int | None = None
+        self.num_speculative_tokens = 0  # K; 0 = plain decoding
         if cfg.pard_config is not None:
             self._load_draft(cfg.pard_config)
+            self.num_speculative_tokens = cfg.pard_config.num_speculative_tokens
         self._lock = threading.Lock()
         logger.info("loaded %s%s in %.1fs", cfg.model_name_or_path,
                     f" + PARD draft {cfg.pard_config.model_name_or_path}" if self.draft else "", time.perf_counter() - t0)
@@ -157,10 +159,6 @@ class LLMModel:
     # ---------------------------------------------------------------- helpers
     def get_tokenizer(self):
         return self.tokenizer
-
-    @property
-    def num_speculative_tokens(self) -> int:
-        return self.config.pard_config.num_speculative_tokens if self.draft else 0
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):

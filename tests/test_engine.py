@@ -1,0 +1,295 @@
+"""The PARD engine: exactness against transformers' greedy output, acceptance
+bookkeeping with test doubles, stopping rules, streaming, chat."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pace_core import LLMModel, PardSpecDecodeConfig, SamplingConfig
+from pace_core.stopping import OutputBuilder
+
+PROMPTS = [
+    "def add(a, b):\n    return",
+    "import os\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):",
+    "x",
+]
+
+
+def hf_greedy(model: LLMModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    out = model.target.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def full_forward_greedy(hf_model, ids: list[int], n: int) -> list[int]:
+    """Reference greedy continuation with no KV cache at all (one full forward per token)."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids
+
+
+@pytest.fixture(scope="module")
+def pard_models(tiny_pairs):
+    """One float32 PARD model per architecture (K is changed per test)."""
+    return {
+        arch: LLMModel(t, dtype="float32", pard_config=PardSpecDecodeConfig(model_name_or_path=d, num_speculative_tokens=4))
+        for arch, (t, d) in tiny_pairs.items()
+    }
+
+
+# --------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("k", [1, 2, 5, 12, 32])
+def test_pard_equals_transformers_greedy_fp32(pard_models, arch, k):
+    model = pard_models[arch]
+    model.num_speculative_tokens = k
+    assert model.draft.model.config.vocab_size > model.target.model.config.vocab_size  # padded draft vocab
+    for i, prompt in enumerate(PROMPTS):
+        n = [7, 24, 48, 33][i]
+        ids = model.encode(prompt)
+        out = model.generate(ids, SamplingConfig(max_new_tokens=n))
+        assert out.token_ids == hf_greedy(model, ids, n), (arch, k, prompt)
+        assert sum(out.stats.accepted_per_step) == len(out.token_ids)
+
+
+def test_plain_path_equals_transformers_greedy(tiny_pair):
+    target, _ = tiny_pair
+    model = LLMModel(target, dtype="float32")
+    for prompt in PROMPTS:
+        ids = model.encode(prompt)
+        out = model.generate(ids, SamplingConfig(max_new_tokens=40))
+        assert out.token_ids == hf_greedy(model, ids, 40)
+        assert out.stats.accepted_per_step == [1] * len(out.token_ids)
+        assert out.stats.draft_time_s == 0
+
+
+class OracleDraft:
+    """Test double for the draft: proposes the target's true future greedy tokens, or
+    wrong ones by a policy, and checks that the draft only ever keeps real tokens in
+    its cache and that masks are the PARD token."""
+
+    def __init__(self, full_ids: list[int], vocab: int, pard_token: int, wrong=lambda call, i: False):
+        self.full, self.vocab, self.pard, self.wrong = full_ids, vocab, pard_token, wrong
+        self.vocab_limit = vocab
+        self.calls = 0
+        self.fed: list[int] = []
+
+    def reset(self):
+        self.fed, self.calls = [], 0
+
+    def forward(self, token_ids, num_logits):
+        self.fed += token_ids
+        masks = self.fed[len(self.fed) - (num_logits - 1):] if num_logits > 1 else []
+        real = self.fed[: len(self.fed) - len(masks)]
+        assert all(t == self.pard for t in masks)
+        assert real == self.full[: len(real)], "the draft must hold exactly the accepted sequence"
+        logits = torch.full((num_logits, self.vocab), -1e4)
+        for i in range(num_logits):
+            true = self.full[len(real) + i] if len(real) + i < len(self.full) else 0
+            tok = (true + 1) % self.vocab if self.wrong(self.calls, i) else true
+            logits[i, tok] = 0.0
+        self.calls += 1
+        return logits
+
+    def crop(self, n):
+        if n:
+            del self.fed[-n:]
+
+
+def with_double(model: LLMModel, prompt_ids, k, n, wrong=lambda call, i: False) -> LLMModel:
+    full = full_forward_greedy(model.target.model, prompt_ids, n + k + 2)
+    model.draft = OracleDraft(full, model.target.model.config.vocab_size, pard_token=1, wrong=wrong)
+    model.pard_token, model.num_speculative_tokens = 1, k
+    return model
+
+
+@pytest.fixture
+def plain_model(tiny_pair):
+    return LLMModel(tiny_pair[0], dtype="float32")
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_perfect_draft_yields_k_plus_one_per_step(plain_model, k):
+    ids = plain_model.encode(PROMPTS[2])
+    n = 5 * (k + 1)
+    model = with_double(plain_model, ids, k, n)
+    out = model.generate(ids, SamplingConfig(max_new_tokens=n, ignore_eos=True))
+    assert out.stats.accepted_per_step == [k + 1] * 5
+    assert out.token_ids == full_forward_greedy(model.target.model, ids, n)[len(ids):]
+
+
+def test_always_wrong_draft_yields_one_per_step(plain_model):
+    ids = plain_model.encode(PROMPTS[0])
+    model = with_double(plain_model, ids, 6, 30, wrong=lambda call, i: True)
+    out = model.generate(ids, SamplingConfig(max_new_tokens=30, ignore_eos=True))
+    assert out.stats.accepted_per_step == [1] * 30
+    assert out.stats.mean_accepted_length == 1.0
+    assert out.token_ids == full_forward_greedy(model.target.model, ids, 30)[len(ids):]
+
+
+def test_partially_right_draft_keeps_exact_output(plain_model):
+    """Rejections at varying depths exercise the target cache trim and the draft's re-reading."""
+    ids = plain_model.encode(PROMPTS[1])
+    model = with_double(plain_model, ids, 5, 60, wrong=lambda call, i: i == call % 6)
+    out = model.generate(ids, SamplingConfig(max_new_tokens=60, ignore_eos=True))
+    assert out.token_ids == full_forward_greedy(model.target.model, ids, 60)[len(ids):]
+    # step c accepts exactly c % 6 proposals (the first wrong one is at index c % 6), plus one correction
+    expected = [min(c % 6, 5) + 1 for c in range(out.stats.steps)]
+    assert out.stats.accepted_per_step[:-1] == expected[:-1]
+    assert sum(out.stats.accepted_per_step) == 60
+
+
+def test_bfloat16_mismatches_are_near_ties(tiny_pairs):
+    """bf16 batched verification may flip near-ties. Every emitted token must be within
+    TOL of the max logit of a teacher-forced bf16 full forward; the match rate against
+    transformers' bf16 greedy is reported."""
+    TOL = 0.1
+    matched = total = 0
+    for arch, (t, d) in tiny_pairs.items():
+        model = LLMModel(t, dtype="bfloat16", pard_config=PardSpecDecodeConfig(model_name_or_path=d, num_speculative_tokens=5))
+        for prompt in PROMPTS:
+            ids = model.encode(prompt)
+            out = model.generate(ids, SamplingConfig(max_new_tokens=32, ignore_eos=True))
+            ref = model.target.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32,
+                                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+            matched += sum(a == b for a, b in zip(out.token_ids, ref))
+            total += len(ref)
+            with torch.no_grad():
+                logits = model.target.model(torch.tensor([ids + out.token_ids])).logits[0].float()
+            for pos, tok in enumerate(out.token_ids):
+                row = logits[len(ids) + pos - 1]
+                assert row.max() - row[tok] <= TOL, (arch, prompt, pos)
+    print(f"bf16 PARD vs transformers bf16 greedy: {matched}/{total} tokens match ({matched / total:.1%})")
+
+
+# --------------------------------------------------------------------------- stopping
+def test_eos_inside_an_accepted_chunk_ends_there(plain_model):
+    ids = plain_model.encode(PROMPTS[2])
+    full = full_forward_greedy(plain_model.target.model, ids, 40)[len(ids):]
+    eos_pos = 10
+    model = with_double(plain_model, ids, 8, 40)
+    model.stop_token_ids = {full[eos_pos]}
+    first = full.index(full[eos_pos])  # the first occurrence is where it must stop
+    out = model.generate(ids, SamplingConfig(max_new_tokens=40))
+    assert out.token_ids == full[: first + 1]
+    assert out.finish_reason == "stop"
+    ignored = model.generate(ids, SamplingConfig(max_new_tokens=40, ignore_eos=True))
+    assert ignored.token_ids == full and ignored.finish_reason == "length"
+
+
+@pytest.mark.parametrize("n", [1, 5, 13, 18])
+def test_max_new_tokens_never_overshoots(plain_model, n):
+    ids = plain_model.encode(PROMPTS[0])
+    model = with_double(plain_model, ids, 8, 20)
+    out = model.generate(ids, SamplingConfig(max_new_tokens=n, ignore_eos=True))
+    assert len(out.token_ids) == n and out.finish_reason == "length"
+    assert model.target.seq_len <= len(ids) + n  # never verified past the budget
+
+
+def _text_of(model, ids):
+    return model.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_stop_string_inside_and_across_chunks(plain_model, k):
+    ids = plain_model.encode(PROMPTS[2])
+    n = 48
+    model = with_double(plain_model, ids, k, n)
+    ref = model.generate(ids, SamplingConfig(max_new_tokens=n, ignore_eos=True))
+    text = ref.text
+    assert len(text) > 20
+    for start in (3, len(text) // 2, len(text) - 6):
+        stop = text[start:start + 5]
+        cut = text.find(stop)  # OpenAI semantics: text ends right before the first occurrence
+        out = model.generate(ids, SamplingConfig(max_new_tokens=n, ignore_eos=True, stop=[stop, "\x00never"]))
+        assert out.text == text[:cut], (k, stop)
+        assert out.finish_reason == "stop"
+        # the tokens kept are those up to the one that completes the stop string
+        assert stop in _text_of(model, out.token_ids) and stop not in _text_of(model, out.token_ids[:-1])
+        streamed = list(model.stream(ids, SamplingConfig(max_new_tokens=n, ignore_eos=True, stop=[stop])))
+        assert "".join(c.text for c in streamed) == out.text
+        assert all(stop not in c.text for c in streamed)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_stream_concatenation_equals_generate(pard_models, arch):
+    model = pard_models[arch]
+    model.num_speculative_tokens = 3
+    for prompt in PROMPTS:
+        sc = SamplingConfig(max_new_tokens=40)
+        out = model.generate(prompt, sc)
+        chunks = list(model.stream(prompt, sc))
+        assert "".join(c.text for c in chunks) == out.text
+        assert [t for c in chunks for t in c.token_ids] == out.token_ids
+        assert chunks[-1].finish_reason == out.finish_reason
+        assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_closing_the_stream_stops_generation(plain_model):
+    stream = plain_model.stream(PROMPTS[0], SamplingConfig(max_new_tokens=200, ignore_eos=True))
+    next(stream)
+    stream.close()
+    # the lock is released: the next request runs at once
+    assert len(plain_model.generate(PROMPTS[0], SamplingConfig(max_new_tokens=3, ignore_eos=True)).token_ids) == 3
+
+
+def test_utf8_deltas_never_split_a_character(plain_model):
+    tok = plain_model.tokenizer
+    text = "héllo wörld 世界 🙂 done"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    out = OutputBuilder(tok, max_new_tokens=1000)
+    deltas = [out.add([t]).text for t in ids]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_return_text_false(plain_model):
+    out = plain_model.generate(PROMPTS[0], SamplingConfig(max_new_tokens=5, return_text=False))
+    assert out.text is None and len(out.token_ids) == 5
+
+
+def test_stop_tokens_come_from_generation_config_and_tokenizer(tmp_path):
+    from pace_core.testing import build_model, build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "tok")
+    build_model(tmp_path / "m", "qwen2", vocab_size=len(tok), tokenizer=tok, eos_token_id=[5, 6])
+    model = LLMModel(str(tmp_path / "m"), dtype="float32")
+    assert model.stop_token_ids == {5, 6, tok.eos_token_id}
+
+
+def test_chat_applies_the_template(plain_model):
+    messages = [{"role": "user", "content": "write a loop"}]
+    ids = plain_model.apply_chat_template(messages)
+    assert plain_model.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+    sc = SamplingConfig(max_new_tokens=12)
+    assert plain_model.chat(messages, sc).token_ids == plain_model.generate(ids, sc).token_ids
+    assert "".join(c.text for c in plain_model.chat(messages, sc, stream=True)) == plain_model.chat(messages, sc).text
+
+
+def test_plain_sampling_is_seeded_and_not_ignored(plain_model):
+    sc = SamplingConfig(max_new_tokens=30, temperature=1.5, seed=3, ignore_eos=True)
+    a, b = plain_model.generate(PROMPTS[1], sc), plain_model.generate(PROMPTS[1], sc)
+    greedy = plain_model.generate(PROMPTS[1], SamplingConfig(max_new_tokens=30, ignore_eos=True))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != greedy.token_ids
+
+
+def test_generate_batch_of_prompts(plain_model):
+    outs = plain_model.generate(PROMPTS[:2], SamplingConfig(max_new_tokens=4))
+    assert [o.token_ids for o in outs] == [plain_model.generate(p, SamplingConfig(max_new_tokens=4)).token_ids
+                                           for p in PROMPTS[:2]]
+
+
+def test_stats_are_consistent(pard_models):
+    model = pard_models["qwen2"]
+    model.num_speculative_tokens = 4
+    out = model.generate(PROMPTS[2], SamplingConfig(max_new_tokens=20, ignore_eos=True))
+    s = out.stats
+    assert s.steps == len(s.accepted_per_step) and s.num_tokens == 20
+    assert all(1 <= a <= 5 for a in s.accepted_per_step)
+    assert s.draft_time_s > 0 and s.target_time_s > 0
+    assert 0 < s.time_to_first_token_s <= s.total_time_s
+    assert s.to_dict()["mean_accepted_length"] == pytest.approx(20 / s.steps)
