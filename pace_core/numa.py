@@ -1,24 +1,375 @@
-"""NUMA slots: discovery, crash-safe claiming and pinning (placeholder interface).
+"""NUMA slots: crash-safe claiming and pinning of the current process.
 
-Being implemented (issue 5). The deployments call ``claim_slot_and_pin`` in the
-replica constructor BEFORE loading weights; it returns the claimed slot, or None when
-pinning is not possible/configured.
+A replica calls :func:`claim_slot_and_pin` in its constructor BEFORE loading weights:
+
+1. it discovers this host's slots (:mod:`pace_core.topology`; ``PACE_TOPOLOGY``
+   simulates one),
+2. claims the first free one with OS file locks: one lock file per CPU
+   (``$PACE_SLOT_DIR``, default ``/tmp/pace-slots``, file ``cpu-<n>.lock``), taken
+   with ``fcntl.flock(LOCK_EX | LOCK_NB)``. A slot is claimed when all of its CPUs'
+   locks are held. The kernel drops the locks when the process dies (even on
+   SIGKILL), so a crashed replica's slot is free again at once; there is no central
+   bookkeeping that can go stale. Locking CPUs rather than slot numbers keeps
+   processes that split the host differently (another ``cores_per_slot``) from
+   ever sharing a CPU.
+3. pins itself: CPU affinity of every thread of the process, ``torch.set_num_threads``,
+   ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, and a best-effort ``set_mempolicy``
+   (MPOL_BIND to the slot's NUMA node; ``PACE_MEMBIND=preferred`` or ``off``).
+
+No free slot: the call waits up to ``wait_s`` (default ``PACE_SLOT_WAIT_S`` or 10 s,
+which covers a replacement starting while its predecessor is still exiting) and then
+raises :class:`NoFreeSlotError` naming the holders. The replica constructor fails and
+Serve retries it later. With the ``pace_slot`` Ray resource, Serve never places more
+replicas on a host than it has slots, so this only happens when something outside
+Ray holds a slot.
+
+``PACE_PIN=0`` disables all of it: the call returns None.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+import errno
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .topology import (  # noqa: F401 - re-exported
+    CORES_PER_SLOT_ENV,
+    TOPOLOGY_ENV,
+    NumaNode,
+    Slot,
+    discover_numa_nodes,
+    format_cpulist,
+    host_slots,
+    split_slots,
+)
+
+logger = logging.getLogger(__name__)
 
 SLOT_RESOURCE = "pace_slot"  # Ray custom resource: one unit per slot on a node
+SLOT_DIR_ENV = "PACE_SLOT_DIR"
+PIN_ENV = "PACE_PIN"
+MEMBIND_ENV = "PACE_MEMBIND"
+WAIT_ENV = "PACE_SLOT_WAIT_S"
+DEFAULT_SLOT_DIR = "/tmp/pace-slots"
+DEFAULT_WAIT_S = 10.0
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 
-@dataclass(frozen=True)
-class Slot:
-    index: int  # slot number on this host
-    numa_node: int
-    cpus: tuple[int, ...]
+class NoFreeSlotError(RuntimeError):
+    """Every slot on this host is held by another process."""
 
 
-def claim_slot_and_pin(cores_per_slot: int | None = None):
-    """Claim a free slot on this host, pin this process to it, return the claim (with
-    ``.slot``) or None. Placeholder: pins nothing yet."""
-    return None
+def pinning_enabled() -> bool:
+    return os.environ.get(PIN_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def slot_dir() -> Path:
+    return Path(os.environ.get(SLOT_DIR_ENV) or DEFAULT_SLOT_DIR)
+
+
+def _lock_path(directory: Path, cpu: int) -> Path:
+    return directory / f"cpu-{cpu}.lock"
+
+
+def _open_lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:  # let other users' replicas share the directory
+        os.fchmod(fd, 0o666)
+    except OSError:
+        pass
+    return fd
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+@dataclass
+class SlotClaim:
+    """A held slot. The locks are released by :meth:`release` or when the process
+    exits; releasing does not undo the pinning."""
+
+    slot: Slot
+    lock_dir: str
+    pid: int
+    hostname: str
+    affinity: list[int] | None = None     # CPUs the process was pinned to (None: not pinned)
+    torch_threads: int | None = None
+    membind: str = "not attempted"
+    _fds: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def held(self) -> bool:
+        return bool(self._fds)
+
+    def release(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+        if fds:
+            logger.info("released slot %d (cpus %s)", self.slot.index,
+                        format_cpulist(self.slot.cpus))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def to_dict(self) -> dict:
+        return {
+            "slot": self.slot.index,
+            "numa_node": self.slot.numa_node,
+            "cpus": list(self.slot.cpus),
+            "cpulist": format_cpulist(self.slot.cpus),
+            "affinity": self.affinity,
+            "torch_threads": self.torch_threads,
+            "membind": self.membind,
+            "pid": self.pid,
+            "hostname": self.hostname,
+            "lock_dir": self.lock_dir,
+            "held": self.held,
+        }
+
+
+def _lock_slot(slot: Slot, directory: Path) -> list[int] | None:
+    """Lock every CPU of ``slot``; return the fds, or None (nothing held) if any CPU
+    is taken."""
+    fds: list[int] = []
+    try:
+        for cpu in slot.cpus:
+            fd = _open_lock(_lock_path(directory, cpu))
+            if not _try_lock(fd):
+                os.close(fd)
+                raise BlockingIOError
+            fds.append(fd)
+    except BlockingIOError:
+        for fd in fds:
+            os.close(fd)  # closing drops the lock
+        return None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    info = f"pid={os.getpid()} host={platform.node()} slot={slot.index} cpus={format_cpulist(slot.cpus)}\n"
+    for fd in fds:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+    return fds
+
+
+def claim_slot(slots: list[Slot] | None = None, cores_per_slot: int | None = None,
+               wait_s: float | None = None, lock_dir: str | os.PathLike | None = None) -> SlotClaim:
+    """Claim the first free slot (locks only, no pinning). Raises NoFreeSlotError
+    after ``wait_s`` seconds (default ``PACE_SLOT_WAIT_S`` or 10) without one."""
+    if fcntl is None:  # pragma: no cover
+        raise NoFreeSlotError("slot claiming needs fcntl (POSIX)")
+    if slots is None:
+        slots = host_slots(cores_per_slot)
+    if not slots:
+        raise NoFreeSlotError(f"this host has no slot (cores_per_slot={cores_per_slot}); "
+                              f"nodes: {discover_numa_nodes()}")
+    if wait_s is None:
+        wait_s = float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S))
+    directory = Path(lock_dir) if lock_dir is not None else slot_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        os.chmod(directory, 0o1777)
+    except OSError:
+        pass
+    deadline = time.monotonic() + max(0.0, wait_s)
+    while True:
+        for slot in slots:
+            fds = _lock_slot(slot, directory)
+            if fds is not None:
+                return SlotClaim(slot=slot, lock_dir=str(directory), pid=os.getpid(),
+                                 hostname=platform.node(), _fds=fds)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    holders = "; ".join(
+        f"slot {s.index} (cpus {format_cpulist(s.cpus)}): "
+        + ", ".join(sorted({_read_holder(_lock_path(directory, c)) for c in s.cpus}))
+        for s in slots)
+    raise NoFreeSlotError(
+        f"no free NUMA slot on {platform.node()} after {wait_s:g}s: all {len(slots)} slot(s) "
+        f"are held ({holders}). Lock dir: {directory}. Each replica needs one slot; "
+        f"start fewer replicas, add nodes, or use a smaller cores_per_slot.")
+
+
+def slot_status(slots: list[Slot] | None = None, cores_per_slot: int | None = None,
+                lock_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Which slots of this host are held, and by whom (probes the locks)."""
+    slots = host_slots(cores_per_slot) if slots is None else slots
+    directory = Path(lock_dir) if lock_dir is not None else slot_dir()
+    out = []
+    for s in slots:
+        held_by = []
+        for cpu in s.cpus:
+            p = _lock_path(directory, cpu)
+            if not p.exists():
+                continue
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _try_lock(fd):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                else:
+                    held_by.append(_read_holder(p))
+            finally:
+                os.close(fd)
+        out.append({**s.to_dict(), "free": not held_by, "held_by": sorted(set(held_by))})
+    return out
+
+
+# ---------------------------------------------------------------- pinning
+
+def set_process_affinity(cpus) -> list[int]:
+    """Pin every thread of this process (sched_setaffinity on each /proc/self/task
+    entry: os.sched_setaffinity(0) alone only moves the calling thread, and a Serve
+    replica's constructor does not run on the main thread). Returns the new affinity
+    of the main thread."""
+    cpus = set(cpus)
+    tids = []
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        pass
+    os.sched_setaffinity(0, cpus)  # calling thread first: raises if cpus are invalid
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except (ProcessLookupError, PermissionError):
+            pass  # thread exited meanwhile
+    return sorted(os.sched_getaffinity(os.getpid()))
+
+
+_MPOL = {"preferred": 1, "bind": 2}
+_SYS_SET_MEMPOLICY = {"x86_64": 238, "aarch64": 237, "ppc64le": 261, "s390x": 270}
+_SYS_GET_MEMPOLICY = {"x86_64": 239, "aarch64": 236, "ppc64le": 260, "s390x": 269}
+
+
+def set_mempolicy(numa_node: int, mode: str = "bind") -> str:
+    """Best-effort memory policy for the calling thread (and threads it creates later),
+    via the raw set_mempolicy syscall (no libnuma needed). Returns a status string;
+    never raises."""
+    mode = mode.strip().lower()
+    if mode in ("off", "0", "none", ""):
+        return "off"
+    if mode not in _MPOL:
+        return f"skipped: unknown {MEMBIND_ENV}={mode!r}"
+    nr = _SYS_SET_MEMPOLICY.get(platform.machine())
+    if nr is None or not hasattr(ctypes, "CDLL"):
+        return f"skipped: no set_mempolicy syscall number for {platform.machine()}"
+    nbits = 8 * ctypes.sizeof(ctypes.c_ulong)
+    words = numa_node // nbits + 1
+    mask = (ctypes.c_ulong * words)()
+    mask[numa_node // nbits] = 1 << (numa_node % nbits)
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.syscall(ctypes.c_long(nr), ctypes.c_int(_MPOL[mode]), mask,
+                      ctypes.c_ulong(words * nbits + 1))
+    if rc != 0:
+        err = ctypes.get_errno()
+        return f"failed: {mode} node {numa_node}: {os.strerror(err)}"
+    return f"{mode} node {numa_node}"
+
+
+def get_mempolicy() -> tuple[int, list[int]] | None:
+    """(mode, nodes) of the calling thread's memory policy, or None if unavailable."""
+    nr = _SYS_GET_MEMPOLICY.get(platform.machine())
+    if nr is None:
+        return None
+    nbits = 8 * ctypes.sizeof(ctypes.c_ulong)
+    words = 16
+    mode = ctypes.c_int(-1)
+    mask = (ctypes.c_ulong * words)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.syscall(ctypes.c_long(nr), ctypes.byref(mode), mask,
+                      ctypes.c_ulong(words * nbits), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    if rc != 0:
+        return None
+    nodes = [w * nbits + b for w in range(words) for b in range(nbits) if mask[w] >> b & 1]
+    return mode.value, nodes
+
+
+def pin_to_slot(slot: Slot) -> dict:
+    """Pin this process to ``slot``: affinity, torch/OMP threads, memory policy.
+    Each step is best effort and reported in the returned dict."""
+    n = len(slot.cpus)
+    result: dict = {"affinity": None, "torch_threads": None, "membind": "not attempted"}
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if hasattr(os, "sched_setaffinity"):
+        try:
+            result["affinity"] = set_process_affinity(slot.cpus)
+        except (OSError, ValueError) as e:
+            logger.warning("cannot pin to cpus %s (%s); simulated topology? continuing unpinned",
+                           format_cpulist(slot.cpus), e)
+    else:
+        logger.warning("sched_setaffinity is not available on this OS; not pinning CPUs")
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+        result["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    result["membind"] = set_mempolicy(slot.numa_node, os.environ.get(MEMBIND_ENV, "bind"))
+    if result["membind"].startswith(("failed", "skipped")):
+        logger.warning("memory binding %s; continuing (first-touch still places memory "
+                       "near the pinned CPUs)", result["membind"])
+    return result
+
+
+def claim_slot_and_pin(cores_per_slot: int | None = None, *, wait_s: float | None = None,
+                       lock_dir: str | os.PathLike | None = None) -> SlotClaim | None:
+    """Claim a free slot on this host and pin this process to it (see the module
+    docstring). Returns the claim, or None when pinning is disabled (``PACE_PIN=0``)
+    or impossible on this OS. Raises NoFreeSlotError when no slot frees up in time.
+
+    ``cores_per_slot``: None = ``PACE_CORES_PER_SLOT`` if set, else one slot per NUMA
+    node."""
+    if not pinning_enabled():
+        logger.info("%s=0: not claiming a NUMA slot", PIN_ENV)
+        return None
+    if fcntl is None:  # pragma: no cover
+        logger.warning("no fcntl on this OS: not claiming a NUMA slot")
+        return None
+    claim = claim_slot(cores_per_slot=cores_per_slot, wait_s=wait_s, lock_dir=lock_dir)
+    try:
+        pinned = pin_to_slot(claim.slot)
+    except BaseException:
+        claim.release()
+        raise
+    claim.affinity = pinned["affinity"]
+    claim.torch_threads = pinned["torch_threads"]
+    claim.membind = pinned["membind"]
+    logger.info("pid %d holds NUMA slot %d: node %d, cpus %s; affinity %s, torch threads %s, "
+                "memory %s", claim.pid, claim.slot.index, claim.slot.numa_node,
+                format_cpulist(claim.slot.cpus),
+                format_cpulist(claim.affinity) if claim.affinity else "unchanged",
+                claim.torch_threads, claim.membind)
+    return claim
