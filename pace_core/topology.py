@@ -6,7 +6,8 @@ of one (``cores_per_slot``). Sources, in order:
 1. ``PACE_TOPOLOGY`` (simulation/tests): either an inline list of nodes separated by
    ``;``, each a cpulist (``"0-0;1-1"`` = node 0 has cpu 0, node 1 has cpu 1), or a
    JSON document / path to a JSON file: ``[[0,1,2],[3,4,5]]``,
-   ``{"0": "0-31", "1": "32-63"}`` or ``{"nodes": {...}}``. The override is taken as
+   ``{"0": "0-31", "1": "32-63"}`` or ``{"nodes": {...}}`` (a path contains ``/`` or
+   ends in ``.json``). The override is taken as
    is (not intersected with the CPUs this host really has).
 2. sysfs: ``/sys/devices/system/node/node*/cpulist``, restricted to the online CPUs
    (``/sys/devices/system/cpu/online``) and to the CPUs this process may run on
@@ -104,7 +105,7 @@ def parse_topology_override(value: str) -> list[NumaNode]:
         raise TopologyError(f"{TOPOLOGY_ENV} is empty")
     if value[0] in "[{":
         return _nodes_from_json(json.loads(value), value)
-    if os.path.isfile(value):
+    if "/" in value or value.endswith(".json"):  # a path (inline lists never have these)
         with open(value) as f:
             return _nodes_from_json(json.load(f), value)
     nodes = [NumaNode(i, tuple(parse_cpulist(part))) for i, part in enumerate(value.split(";"))]
