@@ -134,6 +134,8 @@ class ModelConfig(BaseModel):
     pard_config: PardSpecDecodeConfig | None = None
     trust_remote_code: bool = False
     num_threads: int | None = Field(default=None, ge=1)
+    # "auto": the lean Llama-family forward where it applies, else transformers' own
+    runner: Literal["auto", "lean", "transformers"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

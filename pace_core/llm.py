@@ -20,7 +20,7 @@ from .loading import (
     read_pard_token,
     stop_token_ids,
 )
-from .runner import CausalLMRunner
+from .runner import make_runner
 from .stopping import OutputBuilder
 
 logger = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class LLMModel:
         tokenizer_name_or_path: str | None = None,
         trust_remote_code: bool = False,
         num_threads: int | None = None,
+        runner: str = "auto",
         spec_config: PardSpecDecodeConfig | None = None,  # AMD PACE's name for pard_config
     ):
         if isinstance(dtype, torch.dtype):
@@ -116,6 +117,7 @@ class LLMModel:
             pard_config=pard_config or spec_config,
             trust_remote_code=trust_remote_code,
             num_threads=num_threads,
+            runner=runner,
         )
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -123,7 +125,7 @@ class LLMModel:
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
         target = load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code)
-        self.target = CausalLMRunner(target)
+        self.target = make_runner(target, cfg.runner)
         self.stop_token_ids = stop_token_ids(target, self.tokenizer)
         self.max_context = context_length(target.config)
         self.draft: CausalLMRunner | None = None
@@ -153,7 +155,7 @@ class LLMModel:
                 f"the draft's vocabulary ({draft.config.vocab_size}) is smaller than the tokenizer's ({len(self.tokenizer)}): "
                 "a PARD draft must share its target's tokenizer"
             )
-        self.draft = CausalLMRunner(draft, vocab_limit=limit)
+        self.draft = make_runner(draft, cfg.runner, vocab_limit=limit)
         self.draft_context = context_length(draft.config)
 
     # ---------------------------------------------------------------- helpers

@@ -38,3 +38,15 @@ class CausalLMRunner:
         if num_tokens > 0:
             self.cache.crop(-num_tokens)
             self.seq_len -= num_tokens
+
+
+def make_runner(model, kind: str = "auto", vocab_limit: int | None = None):
+    """The lean Llama-family runner where it applies (``auto``), or transformers' own
+    forward with a DynamicCache (``transformers``); ``lean`` insists on the former."""
+    from . import lean
+
+    if kind == "transformers" or (kind == "auto" and not lean.supports(model)):
+        return CausalLMRunner(model, vocab_limit)
+    if not lean.supports(model):
+        raise ValueError(f"runner='lean' does not support model_type {model.config.model_type!r}: use runner='auto'")
+    return lean.LeanRunner(model, vocab_limit)

@@ -32,18 +32,23 @@ def full_forward_greedy(hf_model, ids: list[int], n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def pard_models(tiny_pairs):
-    """One float32 PARD model per architecture (K is changed per test)."""
-    return {
-        arch: LLMModel(t, dtype="float32", pard_config=PardSpecDecodeConfig(model_name_or_path=d, num_speculative_tokens=4))
-        for arch, (t, d) in tiny_pairs.items()
-    }
+    """One float32 PARD model per architecture and runner (K is changed per test)."""
+    models = {}
+    for arch, (t, d) in tiny_pairs.items():
+        for runner in ("lean", "transformers"):
+            models[arch, runner] = LLMModel(t, dtype="float32", runner=runner,
+                                            pard_config=PardSpecDecodeConfig(model_name_or_path=d, num_speculative_tokens=4))
+            models.setdefault(arch, models[arch, runner])
+    return models
 
 
 # --------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("runner", ["lean", "transformers"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("k", [1, 2, 5, 12, 32])
-def test_pard_equals_transformers_greedy_fp32(pard_models, arch, k):
-    model = pard_models[arch]
+def test_pard_equals_transformers_greedy_fp32(pard_models, arch, k, runner):
+    model = pard_models[arch, runner]
+    assert type(model.target).__name__ == {"lean": "LeanRunner", "transformers": "CausalLMRunner"}[runner]
     model.num_speculative_tokens = k
     assert model.draft.model.config.vocab_size > model.target.model.config.vocab_size  # padded draft vocab
     for i, prompt in enumerate(PROMPTS):
@@ -54,9 +59,10 @@ def test_pard_equals_transformers_greedy_fp32(pard_models, arch, k):
         assert sum(out.stats.accepted_per_step) == len(out.token_ids)
 
 
-def test_plain_path_equals_transformers_greedy(tiny_pair):
+@pytest.mark.parametrize("runner", ["lean", "transformers"])
+def test_plain_path_equals_transformers_greedy(tiny_pair, runner):
     target, _ = tiny_pair
-    model = LLMModel(target, dtype="float32")
+    model = LLMModel(target, dtype="float32", runner=runner)
     for prompt in PROMPTS:
         ids = model.encode(prompt)
         out = model.generate(ids, SamplingConfig(max_new_tokens=40))

@@ -1,0 +1,110 @@
+"""A lean forward pass for the Llama family (Llama, Qwen2, Qwen3, ...) with a
+preallocated KV cache.
+
+For small and medium models on CPU, the generic transformers forward spends more
+time in Python (mask building, cache bookkeeping, output objects) than in matmuls.
+This runner reuses the model's own modules and weights (norms, projections, MLP,
+rotary embedding) and only replaces the glue: one contiguous K/V buffer per layer,
+grown geometrically, where cropping is just moving the length back.
+
+It is used when :func:`supports` says the architecture matches; anything else runs
+through :class:`pace_core.runner.CausalLMRunner` with the same interface.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+LLAMA_FAMILY = {"llama", "qwen2", "qwen3", "mistral"}
+
+
+def supports(model) -> bool:
+    cfg = model.config
+    if cfg.model_type not in LLAMA_FAMILY:
+        return False
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", cfg.model_type == "mistral"):
+        return False  # sliding-window attention: leave it to transformers
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers is not None and hasattr(layers[0], "self_attn") and hasattr(model.model, "rotary_emb")
+
+
+class LeanRunner:
+    """Same interface as CausalLMRunner: reset / forward / crop / seq_len / vocab_limit."""
+
+    def __init__(self, model, vocab_limit: int | None = None, initial_capacity: int = 256):
+        self.model = model
+        self.vocab_limit = vocab_limit or model.config.vocab_size
+        cfg = model.config
+        self.layers = list(model.model.layers)
+        attn = self.layers[0].self_attn
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.scaling = getattr(attn, "scaling", self.head_dim ** -0.5)
+        modeling = importlib.import_module(type(model).__module__)
+        self.apply_rotary = modeling.apply_rotary_pos_emb
+        self.max_len = getattr(cfg, "max_position_embeddings", None) or 1 << 20
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.capacity = 0
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self._grow(min(initial_capacity, self.max_len))
+        self.seq_len = 0
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.capacity)
+        shape = (self.num_kv_heads, capacity, self.head_dim)
+        for i in range(len(self.layers)):
+            k, v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+            if self.capacity:
+                k[:, : self.capacity] = self.k_cache[i]
+                v[:, : self.capacity] = self.v_cache[i]
+                self.k_cache[i], self.v_cache[i] = k, v
+            else:
+                self.k_cache.append(k)
+                self.v_cache.append(v)
+        self.capacity = capacity
+
+    def reset(self) -> None:
+        self.seq_len = 0
+
+    def crop(self, num_tokens: int) -> None:
+        self.seq_len -= max(num_tokens, 0)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int], num_logits: int) -> torch.Tensor:
+        n, start = len(token_ids), self.seq_len
+        end = start + n
+        if end > self.capacity:
+            self._grow(end)
+        ids = torch.tensor([token_ids], dtype=torch.long)
+        positions = torch.arange(start, end).unsqueeze(0)
+        h = self.model.model.embed_tokens(ids)
+        cos, sin = self.model.model.rotary_emb(h, positions)
+        # causal mask over [cache + new]: query i sees keys 0..start+i
+        mask = None
+        if n > 1:
+            mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start)
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(1, n, H, D)
+            k = attn.k_proj(x).view(1, n, KV, D)
+            v = attn.v_proj(x).view(1, n, KV, D).transpose(1, 2)
+            if hasattr(attn, "q_norm"):  # Qwen3
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = self.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            self.k_cache[i][:, start:end] = k[0]
+            self.v_cache[i][:, start:end] = v[0]
+            keys = self.k_cache[i][:, :end].unsqueeze(0)
+            values = self.v_cache[i][:, :end].unsqueeze(0)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                               enable_gqa=H != KV)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, H * D))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.model.model.norm(h[:, -num_logits:])
+        self.seq_len = end
+        return self.model.lm_head(h)[0, :, : self.vocab_limit].float()
