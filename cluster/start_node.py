@@ -1,0 +1,144 @@
+"""Start a Ray node that advertises this host's NUMA slots.
+
+    python -m cluster.start_node --head                      # head node (port 6379)
+    python -m cluster.start_node --address HEAD_IP:6379      # worker node
+    python -m cluster.start_node --head --cores-per-slot 16 --dry-run
+    python -m cluster.start_node --show                      # topology and slots only
+
+Runs ``ray start`` with ``--resources '{"pace_slot": N}'`` (N = slots of this host:
+NUMA nodes, or node slices of ``--cores-per-slot`` cores), ``--num-cpus`` (the CPUs
+this process may use) and no dashboard. ``PACE_CORES_PER_SLOT`` (and
+``PACE_TOPOLOGY`` / ``PACE_SLOT_DIR`` if given) are exported to ``ray start``, so the
+replicas Ray starts on this node split the host exactly as it was counted here.
+Arguments after ``--`` go to ``ray start`` unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+from pace_core.topology import (
+    CORES_PER_SLOT_ENV,
+    TOPOLOGY_ENV,
+    describe,
+    discover_numa_nodes,
+    format_cpulist,
+    process_allowed_cpus,
+    resolve_cores_per_slot,
+    split_slots,
+)
+
+SLOT_RESOURCE = "pace_slot"  # == pace_core.numa.SLOT_RESOURCE (numa imports more than we need)
+DEFAULT_PORT = 6379
+
+
+def slot_count(cores_per_slot: int | None = None) -> int:
+    """Slots of this host (honors PACE_TOPOLOGY and PACE_CORES_PER_SLOT)."""
+    return len(split_slots(discover_numa_nodes(), resolve_cores_per_slot(cores_per_slot)))
+
+
+def node_resources(cores_per_slot: int | None = None, slots: int | None = None) -> dict[str, float]:
+    """Ray custom resources for this host: ``{"pace_slot": N}``; usable as
+    ``ray.init(resources=...)`` or ``Cluster.add_node(resources=...)``."""
+    n = slot_count(cores_per_slot) if slots is None else slots
+    return {SLOT_RESOURCE: n}
+
+
+def node_num_cpus() -> int:
+    """CPUs Ray should advertise: the CPUs this process may run on."""
+    allowed = process_allowed_cpus()
+    return len(allowed) if allowed else (os.cpu_count() or 1)
+
+
+def ray_start_command(*, head: bool = False, address: str | None = None, port: int = DEFAULT_PORT,
+                      cores_per_slot: int | None = None, slots: int | None = None,
+                      num_cpus: int | None = None, block: bool = False,
+                      extra: list[str] | None = None) -> list[str]:
+    if head == (address is not None):
+        raise ValueError("give exactly one of head=True or address='HEAD:PORT'")
+    resources = node_resources(cores_per_slot, slots)
+    cmd = ["ray", "start"]
+    if head:
+        cmd += ["--head", f"--port={port}", "--include-dashboard=false"]
+    else:
+        if ":" not in address:
+            address = f"{address}:{DEFAULT_PORT}"
+        cmd += [f"--address={address}"]
+    cmd += [f"--num-cpus={num_cpus if num_cpus is not None else node_num_cpus()}",
+            f"--resources={json.dumps(resources)}", "--disable-usage-stats"]
+    if block:
+        cmd.append("--block")
+    return cmd + list(extra or [])
+
+
+def node_env(cores_per_slot: int | None = None) -> dict[str, str]:
+    """Environment exported to ``ray start`` (and so to the replicas of this node)."""
+    env = {}
+    cps = resolve_cores_per_slot(cores_per_slot)
+    env[CORES_PER_SLOT_ENV] = str(cps) if cps else "0"
+    for var in (TOPOLOGY_ENV, "PACE_SLOT_DIR"):
+        if os.environ.get(var):
+            env[var] = os.environ[var]
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(prog="python -m cluster.start_node", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    role = p.add_mutually_exclusive_group(required=True)
+    role.add_argument("--head", action="store_true", help="start the head node")
+    role.add_argument("--address", help="join the cluster whose head is HEAD_IP[:PORT]")
+    role.add_argument("--show", action="store_true",
+                      help="print this host's topology, slots and resources as JSON and exit")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="head port (default 6379)")
+    p.add_argument("--cores-per-slot", type=int, default=None,
+                   help="split NUMA nodes into slots of this many CPUs (default: "
+                        "$PACE_CORES_PER_SLOT, else one slot per NUMA node)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="advertise this many slots instead of the computed count "
+                        "(e.g. 0 for a head that should host no replica)")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPU resource to advertise (default: CPUs this process may use)")
+    p.add_argument("--topology", default=None,
+                   help="simulate a topology (sets PACE_TOPOLOGY, e.g. '0-31;32-63')")
+    p.add_argument("--block", action="store_true", help="pass --block to ray start")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    args = p.parse_args(argv)
+    if args.topology:
+        os.environ[TOPOLOGY_ENV] = args.topology
+
+    nodes = discover_numa_nodes()
+    slots = split_slots(nodes, resolve_cores_per_slot(args.cores_per_slot))
+    if args.show:
+        print(json.dumps({
+            "numa_nodes": {str(n.id): format_cpulist(n.cpus) for n in nodes},
+            "slots": [{"index": s.index, "numa_node": s.numa_node,
+                       "cpus": format_cpulist(s.cpus)} for s in slots],
+            "resources": node_resources(args.cores_per_slot, args.slots),
+            "num_cpus": args.num_cpus if args.num_cpus is not None else node_num_cpus(),
+        }, indent=2))
+        return 0
+    print(describe(nodes, slots), file=sys.stderr)
+    cmd = ray_start_command(head=args.head, address=args.address, port=args.port,
+                            cores_per_slot=args.cores_per_slot, slots=args.slots,
+                            num_cpus=args.num_cpus, block=args.block, extra=extra)
+    env = node_env(args.cores_per_slot)
+    line = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(cmd)
+    if args.dry_run:
+        print(line)
+        return 0
+    print(f"running: {line}", file=sys.stderr, flush=True)
+    return subprocess.call(cmd, env={**os.environ, **env})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""cluster.start_node: slot resources, the ray start command, and multi-node placement
+by the pace_slot resource with ray.cluster_utils.Cluster."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster import start_node
+from pace_core.numa import SLOT_RESOURCE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def two_slot_topology(monkeypatch):
+    monkeypatch.setenv("PACE_TOPOLOGY", "0-0;1-1")
+    monkeypatch.delenv("PACE_CORES_PER_SLOT", raising=False)
+
+
+def test_resource_name_matches_numa():
+    assert start_node.SLOT_RESOURCE == SLOT_RESOURCE == "pace_slot"
+
+
+def test_node_resources(two_slot_topology, monkeypatch):
+    assert start_node.node_resources() == {"pace_slot": 2}
+    assert start_node.node_resources(slots=0) == {"pace_slot": 0}
+    monkeypatch.setenv("PACE_TOPOLOGY", "0-63;64-127")
+    assert start_node.node_resources() == {"pace_slot": 2}
+    assert start_node.node_resources(16) == {"pace_slot": 8}
+    assert start_node.node_resources(48) == {"pace_slot": 2}  # 16 CPUs/node unused
+    monkeypatch.setenv("PACE_CORES_PER_SLOT", "32")
+    assert start_node.node_resources() == {"pace_slot": 4}
+    monkeypatch.delenv("PACE_TOPOLOGY")
+    monkeypatch.delenv("PACE_CORES_PER_SLOT")
+    assert start_node.node_resources()["pace_slot"] >= 1  # the real host
+    assert start_node.node_num_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_ray_start_command(two_slot_topology):
+    cmd = start_node.ray_start_command(head=True, num_cpus=2)
+    assert cmd[:3] == ["ray", "start", "--head"]
+    assert "--port=6379" in cmd and "--include-dashboard=false" in cmd and "--num-cpus=2" in cmd
+    res = [a for a in cmd if a.startswith("--resources=")]
+    assert len(res) == 1 and json.loads(res[0].split("=", 1)[1]) == {"pace_slot": 2}
+    w = start_node.ray_start_command(address="10.0.0.1", cores_per_slot=None, extra=["--block"])
+    assert "--address=10.0.0.1:6379" in w and "--head" not in w and w[-1] == "--block"
+    assert "--include-dashboard=false" not in w
+    assert start_node.ray_start_command(address="h:7000")[2] == "--address=h:7000"
+    with pytest.raises(ValueError):
+        start_node.ray_start_command(head=True, address="x")
+    with pytest.raises(ValueError):
+        start_node.ray_start_command()
+
+
+def _cli(*args, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACE_")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "cluster.start_node", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_dry_run_and_show():
+    r = _cli("--head", "--dry-run", "--cores-per-slot", "1", "--topology", "0-3;4-7",
+             "--num-cpus", "8", "--", "--node-ip-address=127.0.0.1")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip()
+    assert line == ("PACE_CORES_PER_SLOT=1 PACE_TOPOLOGY='0-3;4-7' ray start --head --port=6379 "
+                    "--include-dashboard=false --num-cpus=8 '--resources={\"pace_slot\": 8}' "
+                    "--disable-usage-stats --node-ip-address=127.0.0.1")
+    assert "2 NUMA node(s), 8 slot(s)" in r.stderr
+    r = _cli("--address", "10.1.2.3:6380", "--dry-run", env_extra={"PACE_TOPOLOGY": "0-3;4-7"})
+    assert r.returncode == 0, r.stderr
+    assert "ray start --address=10.1.2.3:6380" in r.stdout
+    assert "'--resources={\"pace_slot\": 2}'" in r.stdout
+    r = _cli("--show", "--cores-per-slot", "2", env_extra={"PACE_TOPOLOGY": "0-3;4-7"})
+    info = json.loads(r.stdout)
+    assert info["resources"] == {"pace_slot": 4}
+    assert info["numa_nodes"] == {"0": "0-3", "1": "4-7"}
+    assert [s["cpus"] for s in info["slots"]] == ["0-1", "2-3", "4-5", "6-7"]
+    r = _cli("--dry-run")  # no role
+    assert r.returncode != 0 and "--head" in r.stderr
+
+
+@pytest.fixture
+def two_node_cluster(two_slot_topology):
+    """Two Ray nodes on this machine, each advertising one slot (as start_node would
+    for a 1-slot host)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    per_node = start_node.node_resources(slots=1)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "resources": per_node, "include_dashboard": False})
+    cluster.add_node(num_cpus=1, resources=per_node)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_actors_needing_a_slot_land_on_different_nodes_third_pending(two_node_cluster):
+    import ray
+
+    assert ray.cluster_resources().get(SLOT_RESOURCE) == 2
+
+    @ray.remote(num_cpus=0, resources={SLOT_RESOURCE: 1})
+    class Replica:
+        def node(self):
+            return ray.get_runtime_context().get_node_id()
+
+    a, b = Replica.remote(), Replica.remote()
+    nodes = ray.get([a.node.remote(), b.node.remote()], timeout=60)
+    assert len(set(nodes)) == 2  # one per node: never two on a 1-slot node
+    c = Replica.remote()
+    ready, _ = ray.wait([c.node.remote()], timeout=3)
+    assert not ready  # pending: no node has a free slot
+    assert ray.available_resources().get(SLOT_RESOURCE, 0) == 0
+    ray.kill(a)  # a slot frees up: the pending one is placed on a's node
+    assert ray.get(c.node.remote(), timeout=60) == nodes[0]
