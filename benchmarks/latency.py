@@ -1,0 +1,289 @@
+"""Single-stream latency: HF greedy, HF assisted generation, this engine without a
+draft (K=0) and with PARD for a K sweep, and AMD PACE 1.3.0 (with and without PARD)
+when its venv exists. Greedy, same prompts, warm-up excluded, variants interleaved per
+prompt and round so machine drift hits all alike. Every variant's tokens are checked
+against HF greedy.
+
+    python benchmarks/latency.py                       # demo pair, held-out prompts
+    python benchmarks/latency.py --target DIR --draft DIR --ks 1,2,4,8 --max-new-tokens 128
+    python benchmarks/latency.py --smoke               # tiny random models, seconds (CI)
+
+Writes <out>.json, <out>.md and <out>.png (tokens/s vs K, the peers as lines).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_PROMPTS = ROOT / "benchmarks" / "prompts" / "heldout.txt"
+PACE_ANCHORS = ROOT.parent / "shared" / "anchors"
+PACE_VENV = Path(os.environ.get("PACE_VENV", "/tmp/pace-anchor-venv"))
+
+
+def load_prompts(path: Path | None, limit: int) -> list[str]:
+    if path and path.is_file():
+        prompts = [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    else:
+        prompts = ["def fibonacci(n):\n", "import os\n\n\ndef read_lines(path):\n",
+                   "class Stack:\n    def __init__(self):\n", "def parse_args(argv=None):\n    parser = argparse.ArgumentParser("]
+    return prompts[:limit]
+
+
+class Timeline:
+    """A transformers streamer that records when tokens arrive."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.chunks: list[tuple[float, int]] = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:  # transformers first puts the prompt
+            self._prompt_seen = True
+            return
+        self.chunks.append((time.perf_counter() - self.t0, int(value.numel())))
+
+    def end(self):
+        pass
+
+
+def latency_record(chunks: list[tuple[float, int]], total_s: float, n_tokens: int, accepted: float | None) -> dict:
+    """chunks: (seconds since start, tokens in chunk). ITL samples: each gap between
+    chunks shared by the tokens of the later chunk."""
+    itl = []
+    for (t_prev, _), (t, n) in zip(chunks, chunks[1:]):
+        itl += [(t - t_prev) / n] * n
+    return {"seconds": total_s, "tokens": n_tokens, "ttft": chunks[0][0] if chunks else total_s, "itl": itl,
+            "accepted": accepted}
+
+
+def run_hf(model, prompt_ids, n, assistant=None, tokenizer=None) -> tuple[list[int], dict]:
+    import torch
+
+    tl = Timeline()
+    kwargs = {"assistant_model": assistant} if assistant is not None else {}
+    if assistant is not None and assistant.config.vocab_size != model.config.vocab_size:
+        # padded draft vocabulary: transformers wants both tokenizers (universal assisted decoding)
+        kwargs.update(tokenizer=tokenizer, assistant_tokenizer=tokenizer)
+    t0 = time.perf_counter()
+    tl.t0 = t0
+    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n, streamer=tl,
+                         pad_token_id=model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, int) else None,
+                         **kwargs)
+    dt = time.perf_counter() - t0
+    ids = out[0, len(prompt_ids):].tolist()
+    return ids, latency_record(tl.chunks, dt, len(ids), None)
+
+
+def run_engine(llm, k, prompt_ids, n) -> tuple[list[int], dict]:
+    from pace_core import SamplingConfig
+
+    llm.num_speculative_tokens = k
+    t0 = time.perf_counter()
+    chunks, ids, stats = [], [], None
+    for c in llm.stream(prompt_ids, SamplingConfig(max_new_tokens=n, return_text=False)):
+        chunks.append((time.perf_counter() - t0, len(c.token_ids)))
+        ids += c.token_ids
+        stats = c.stats
+    dt = time.perf_counter() - t0
+    return ids, latency_record(chunks, dt, len(ids), stats.mean_accepted_length)
+
+
+def run_pace(target, draft, k, prompts_file, n, dtype, threads) -> dict | None:
+    py = PACE_VENV / "bin" / "python"
+    script = PACE_ANCHORS / "pace_bench.py"
+    if not (py.is_file() and script.is_file()):
+        return None
+    cmd = [str(py), str(script), "--target", target, "--prompts", prompts_file, "--max-new-tokens", str(n),
+           "--dtype", dtype if dtype in ("bfloat16", "float32") else "bfloat16", "--threads", str(threads)]
+    if draft:
+        cmd += ["--draft", draft, "--k", str(k)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if run.returncode != 0:
+        print(f"  PACE failed ({'PARD' if draft else 'no draft'}): {run.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+def summarize(name, k, records, reference, outputs) -> dict:
+    tokens = sum(r["tokens"] for r in records)
+    seconds = sum(r["seconds"] for r in records)
+    itl = [x for r in records for x in r["itl"]]
+    acc = [r["accepted"] for r in records if r.get("accepted") is not None]
+    same = sum(a == b for out, ref in zip(outputs, reference) for a, b in zip(out, ref))
+    total = sum(len(ref) for ref in reference)
+    return {
+        "variant": name, "k": k, "tokens": tokens, "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "ttft_ms_median": 1000 * statistics.median(r["ttft"] for r in records) if records and "ttft" in records[0] else None,
+        "itl_ms_median": 1000 * statistics.median(itl) if itl else None,
+        "itl_ms_p90": 1000 * pct(itl, 0.9) if itl else None,
+        "mean_accepted": statistics.mean(acc) if acc else None,
+        "token_match_vs_hf_greedy": same / total if total else None,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="models/demo-target")
+    ap.add_argument("--draft", default="models/demo-draft")
+    ap.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS,
+                    help="prompts separated by blank lines (the format of PACE's pace_bench.py)")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--ks", default="1,2,4,8,12,16")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--rounds", type=int, default=2, help="timed rounds over all prompts (after one warm-up)")
+    ap.add_argument("--no-assisted", action="store_true", help="skip HF assisted generation")
+    ap.add_argument("--pace", choices=["auto", "off"], default="auto", help="AMD PACE from $PACE_VENV when present")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency"))
+    ap.add_argument("--smoke", action="store_true", help="tiny random models, 2 prompts, few tokens (CI)")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from pace_core import LLMModel, PardSpecDecodeConfig
+    from pace_core.loading import resolve_model_path
+
+    if a.smoke:
+        from pace_core.testing import build_pair
+
+        tmp = tempfile.mkdtemp(prefix="pace-smoke-")
+        a.target, a.draft = build_pair(tmp, "qwen2")
+        a.num_prompts, a.max_new_tokens, a.ks, a.rounds, a.pace = 2, 8, "1,2", 1, "off"
+        a.prompts = None
+    ks = [int(k) for k in a.ks.split(",") if k]
+    target, draft = resolve_model_path(a.target), resolve_model_path(a.draft)
+    prompts = load_prompts(a.prompts, a.num_prompts)
+    print(f"loading {target} + {draft} ({a.dtype}, {a.threads} threads), {len(prompts)} prompts x "
+          f"{a.max_new_tokens} tokens, K in {ks}", file=sys.stderr)
+    llm = LLMModel(target, dtype=a.dtype, pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=max(ks)))
+    hf_target = llm.target.model
+    hf_draft = None if a.no_assisted else llm.draft.model
+    prompt_ids = [llm.encode(p) for p in prompts]
+
+    variants = [("HF greedy", 0, lambda ids: run_hf(hf_target, ids, a.max_new_tokens))]
+    if hf_draft is not None:
+        variants.append(("HF assisted", 0, lambda ids: run_hf(hf_target, ids, a.max_new_tokens, hf_draft, llm.tokenizer)))
+    variants.append(("pace_core K=0", 0, lambda ids: run_engine(llm, 0, ids, a.max_new_tokens)))
+    for k in ks:
+        variants.append((f"pace_core PARD K={k}", k, lambda ids, k=k: run_engine(llm, k, ids, a.max_new_tokens)))
+
+    records = {name: [] for name, _, _ in variants}
+    outputs = {name: [] for name, _, _ in variants}
+    for ids in prompt_ids[:1]:  # warm-up
+        for _, _, fn in variants:
+            fn(ids)
+    for rnd in range(a.rounds):
+        for i, ids in enumerate(prompt_ids):
+            for name, _, fn in variants:
+                out, rec = fn(ids)
+                records[name].append(rec)
+                if rnd == 0:
+                    outputs[name].append(out)
+            print(f"  round {rnd + 1}/{a.rounds} prompt {i + 1}/{len(prompt_ids)}", file=sys.stderr)
+    reference = outputs["HF greedy"]
+    rows = [summarize(name, k, records[name], reference, outputs[name]) for name, k, _ in variants]
+
+    if a.pace == "auto":
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write("\n\n".join(p.rstrip("\n") for p in prompts))
+        best_k = max((r for r in rows if r["k"]), key=lambda r: r["tokens_per_s"])["k"]
+        for label, d, k in (("AMD PACE 1.3.0 no draft", None, 0), (f"AMD PACE 1.3.0 PARD K={best_k}", draft, best_k)):
+            res = run_pace(target, d, k, f.name, a.max_new_tokens, a.dtype, a.threads)
+            if res is None:
+                print(f"  {label}: skipped (no PACE venv at {PACE_VENV}; build it with ../shared/anchors/setup_pace.sh)",
+                      file=sys.stderr)
+                continue
+            pace_out = [r["new_token_ids"] for r in res["results"]]
+            recs = [{"seconds": r["seconds"], "tokens": len(r["new_token_ids"]), "itl": [],
+                     "accepted": res.get("mean_accepted_tokens_incl_bonus")} for r in res["results"]]
+            row = summarize(label, k, recs, reference, pace_out)
+            row["ttft_ms_median"] = None
+            rows.append(row)
+
+    base = next(r for r in rows if r["variant"] == "HF greedy")["tokens_per_s"]
+    for r in rows:
+        r["speedup_vs_hf_greedy"] = r["tokens_per_s"] / base if base else None
+    meta = {"target": target, "draft": draft, "dtype": a.dtype, "threads": a.threads, "prompts": len(prompts),
+            "max_new_tokens": a.max_new_tokens, "rounds": a.rounds, "cpu": _cpu_name(),
+            "command": "python benchmarks/latency.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    write_outputs(Path(a.out), meta, rows)
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cpus)"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def write_outputs(out: Path, meta: dict, rows: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [
+        f"{meta['prompts']} prompts x {meta['max_new_tokens']} new tokens, {meta['dtype']}, {meta['threads']} threads, "
+        f"{meta['cpu']}; `{meta['command']}`", "",
+        "| variant | tokens/s | speedup vs HF greedy | TTFT ms (median) | ITL ms (median) | ITL ms (p90) | accepted tokens/step | tokens equal to HF greedy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {fmt(r['tokens_per_s'])} | {fmt(r['speedup_vs_hf_greedy'], '.2f')}x | "
+                     f"{fmt(r['ttft_ms_median'])} | {fmt(r['itl_ms_median'], '.2f')} | {fmt(r['itl_ms_p90'], '.2f')} | "
+                     f"{fmt(r['mean_accepted'], '.2f')} | {fmt(100 * r['token_match_vs_hf_greedy'] if r['token_match_vs_hf_greedy'] is not None else None)}% |")
+    table = "\n".join(lines) + "\n"
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    pard = [r for r in rows if r["variant"].startswith("pace_core PARD")]
+    ax.plot([r["k"] for r in pard], [r["tokens_per_s"] for r in pard], "o-", label="pace_core PARD", color="C0")
+    styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3)), (0, (3, 1, 1, 1))])
+    for r in rows:
+        if not r["variant"].startswith("pace_core PARD"):
+            ax.axhline(r["tokens_per_s"], linestyle=next(styles, "--"), color="gray" if "HF" in r["variant"] else "C3",
+                       label=f"{r['variant']} ({r['tokens_per_s']:.0f})")
+    ax.set_xlabel("K (speculative tokens per step)")
+    ax.set_ylabel("tokens / s (single stream)")
+    ax.set_title(f"Single-stream decoding, {meta['dtype']}, {meta['threads']} threads")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    print(f"wrote {out.with_suffix('.json')}, .md, .png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
