@@ -171,3 +171,23 @@ def test_cli_generate_and_errors(tiny_pair):
     bad = subprocess.run([sys.executable, "-m", "pace_core", "generate", "--target", target, "--draft", draft,
                           "-k", "40", "--prompt", "x"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "num_speculative_tokens must be in 1..32" in bad.stderr
+
+
+def test_hub_name_loads_offline_from_the_local_cache(tiny_pair, tmp_path):
+    """A hub name resolves from the Hugging Face cache with no network (HF_HUB_OFFLINE=1)."""
+    import os
+    import shutil
+
+    for name, src in (("acme--tiny-target", tiny_pair[0]), ("acme--tiny-draft", tiny_pair[1])):
+        repo = tmp_path / "hub" / f"models--{name}"
+        shutil.copytree(src, repo / "snapshots" / "0123abcd")
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0123abcd")
+    code = ("from pace_core import LLMModel, PardSpecDecodeConfig, SamplingConfig\n"
+            "m = LLMModel('acme/tiny-target', dtype='float32', "
+            "pard_config=PardSpecDecodeConfig(model_name_or_path='acme/tiny-draft', num_speculative_tokens=3))\n"
+            "print(m.generate('x', SamplingConfig(max_new_tokens=4, ignore_eos=True)).token_ids)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(json.loads(run.stdout.strip().splitlines()[-1])) == 4
