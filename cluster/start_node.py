@@ -7,7 +7,8 @@
 
 Runs ``ray start`` with ``--resources '{"pace_slot": N}'`` (N = slots of this host:
 NUMA nodes, or node slices of ``--cores-per-slot`` cores), ``--num-cpus`` (the CPUs
-this process may use) and no dashboard. ``PACE_CORES_PER_SLOT`` (and
+this process may use) and no dashboard unless ``--dashboard`` (the head needs it for
+``serve deploy``/``serve status``). ``PACE_CORES_PER_SLOT`` (and
 ``PACE_TOPOLOGY`` / ``PACE_SLOT_DIR`` if given) are exported to ``ray start``, so the
 replicas Ray starts on this node split the host exactly as it was counted here.
 Arguments after ``--`` go to ``ray start`` unchanged.
@@ -57,13 +58,13 @@ def node_num_cpus() -> int:
 def ray_start_command(*, head: bool = False, address: str | None = None, port: int = DEFAULT_PORT,
                       cores_per_slot: int | None = None, slots: int | None = None,
                       num_cpus: int | None = None, block: bool = False,
-                      extra: list[str] | None = None) -> list[str]:
+                      dashboard: bool = False, extra: list[str] | None = None) -> list[str]:
     if head == (address is not None):
         raise ValueError("give exactly one of head=True or address='HEAD:PORT'")
     resources = node_resources(cores_per_slot, slots)
     cmd = ["ray", "start"]
     if head:
-        cmd += ["--head", f"--port={port}", "--include-dashboard=false"]
+        cmd += ["--head", f"--port={port}", f"--include-dashboard={str(dashboard).lower()}"]
     else:
         if ":" not in address:
             address = f"{address}:{DEFAULT_PORT}"
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU resource to advertise (default: CPUs this process may use)")
     p.add_argument("--topology", default=None,
                    help="simulate a topology (sets PACE_TOPOLOGY, e.g. '0-31;32-63')")
+    p.add_argument("--dashboard", action="store_true",
+                   help="head only: start the dashboard (needed by `serve deploy`, "
+                        "`serve status` and KubeRay; off by default)")
     p.add_argument("--block", action="store_true", help="pass --block to ray start")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     args = p.parse_args(argv)
@@ -130,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(nodes, slots), file=sys.stderr)
     cmd = ray_start_command(head=args.head, address=args.address, port=args.port,
                             cores_per_slot=args.cores_per_slot, slots=args.slots,
-                            num_cpus=args.num_cpus, block=args.block, extra=extra)
+                            num_cpus=args.num_cpus, block=args.block,
+                            dashboard=args.dashboard, extra=extra)
     env = node_env(args.cores_per_slot)
     line = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(cmd)
     if args.dry_run:
