@@ -31,7 +31,8 @@ class OutputBuilder:
         self.skip_special_tokens = skip_special_tokens
         self.want_text = want_text or bool(self.stop_strings)
         self.token_ids: list[int] = []
-        self.text = ""  # final text so far (stop string cut off once found)
+        self.text = ""  # text decoded so far (stop string cut off once found)
+        self._prefix = self._read = 0  # incremental detokenization offsets into token_ids
         self.emitted = 0  # characters of self.text already handed out
         self._searched = 0  # stop strings searched in text[:_searched] already
         self.finish_reason: str | None = None
@@ -52,10 +53,21 @@ class OutputBuilder:
                 self.finish_reason = "length"
                 break
         if self.want_text:
-            self.text = self._decode(self.token_ids)
+            self._detokenize()
             self._find_stop_string(start)
         new_ids = self.token_ids[start:]
         return Delta(new_ids, self._text_delta() if self.want_text else "", self.finish_reason)
+
+    def _detokenize(self) -> None:
+        """Append the text of the new tokens, decoding only a short window (O(1) per
+        step, not O(length)): the tokens since the last read, with the previous ones as
+        context so that tokenizers that merge or drop leading spaces decode right. An
+        incomplete UTF-8 character waits for its next bytes unless output has finished."""
+        prefix_text = self._decode(self.token_ids[self._prefix : self._read])
+        new_text = self._decode(self.token_ids[self._prefix :])
+        if len(new_text) > len(prefix_text) and (not new_text.endswith("\ufffd") or self.finish_reason):
+            self.text += new_text[len(prefix_text) :]
+            self._prefix, self._read = self._read, len(self.token_ids)
 
     def _find_stop_string(self, chunk_start: int) -> None:
         if not self.stop_strings:
@@ -77,11 +89,8 @@ class OutputBuilder:
 
     def _text_delta(self) -> str:
         stable = len(self.text)
-        if self.finish_reason is None:
-            # hold back an incomplete UTF-8 character and a possible stop-string prefix
-            while stable > 0 and self.text[stable - 1] == "\ufffd":
-                stable -= 1
-            stable -= self._stop_prefix_len(self.text[:stable])
+        if self.finish_reason is None:  # hold back a possible stop-string prefix
+            stable -= self._stop_prefix_len(self.text)
         if stable <= self.emitted:
             return ""
         delta = self.text[self.emitted : stable]
