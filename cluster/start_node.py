@@ -4,6 +4,7 @@
     python -m cluster.start_node --address HEAD_IP:6379      # worker node
     python -m cluster.start_node --head --cores-per-slot 16 --dry-run
     python -m cluster.start_node --show                      # topology and slots only
+    python -m cluster.start_node --status                    # which process holds which slot
 
 Runs ``ray start`` with ``--resources '{"pace_slot": N}'`` (N = slots of this host:
 NUMA nodes, or node slices of ``--cores-per-slot`` cores), ``--num-cpus`` (the CPUs
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     role.add_argument("--address", help="join the cluster whose head is HEAD_IP[:PORT]")
     role.add_argument("--show", action="store_true",
                       help="print this host's topology, slots and resources as JSON and exit")
+    role.add_argument("--status", action="store_true",
+                      help="print which slots of this host are held, and by which process")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="head port (default 6379)")
     p.add_argument("--cores-per-slot", type=int, default=None,
                    help="split NUMA nodes into slots of this many CPUs (default: "
@@ -130,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
             "resources": node_resources(args.cores_per_slot, args.slots),
             "num_cpus": args.num_cpus if args.num_cpus is not None else node_num_cpus(),
         }, indent=2))
+        return 0
+    if args.status:
+        from pace_core.numa import slot_dir, slot_status
+
+        for st in slot_status(slots):
+            who = ", ".join(st["held_by"]) if st["held_by"] else "free"
+            print(f"slot {st['index']}  node {st['numa_node']}  cpus {st['cpulist']:<12} {who}")
+        print(f"(locks in {slot_dir()})", file=sys.stderr)
         return 0
     print(describe(nodes, slots), file=sys.stderr)
     cmd = ray_start_command(head=args.head, address=args.address, port=args.port,

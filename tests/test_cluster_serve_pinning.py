@@ -44,7 +44,7 @@ def ray_two_slots(tmp_path, monkeypatch):
     monkeypatch.delenv("PACE_PIN", raising=False)
     from cluster.start_node import node_resources
 
-    ray.init(num_cpus=2, resources=node_resources(), include_dashboard=False,
+    ray.init(address="local", num_cpus=2, resources=node_resources(), include_dashboard=False,
              namespace="pace-pinning-test")
     assert ray.cluster_resources()["pace_slot"] == 2
     serve.start(proxy_location="Disabled")

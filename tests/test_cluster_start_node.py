@@ -87,11 +87,19 @@ def test_cli_dry_run_and_show():
 
 
 @pytest.fixture
-def two_node_cluster(two_slot_topology):
+def two_node_cluster(two_slot_topology, monkeypatch):
     """Two Ray nodes on this machine, each advertising one slot (as start_node would
     for a 1-slot host)."""
     import ray
+    import ray._common.utils
+    import ray._private.utils
     from ray.cluster_utils import Cluster
+
+    # Cluster() writes its address to /tmp/ray/ray_current_cluster, where any other
+    # process's bare ray.init() on this shared machine would find and join it (and
+    # shutdown deletes that file, whoever wrote it): keep this cluster private.
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
 
     per_node = start_node.node_resources(slots=1)
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -125,3 +133,16 @@ def test_actors_needing_a_slot_land_on_different_nodes_third_pending(two_node_cl
     assert ray.available_resources().get(SLOT_RESOURCE, 0) == 0
     ray.kill(a)  # a slot frees up: the pending one is placed on a's node
     assert ray.get(c.node.remote(), timeout=60) == nodes[0]
+
+
+def test_cli_status_shows_holders(two_slot_topology, tmp_path, monkeypatch):
+    from pace_core import numa
+
+    monkeypatch.setenv("PACE_SLOT_DIR", str(tmp_path))
+    with numa.claim_slot(wait_s=0) as claim:
+        assert claim.slot.index == 0
+        r = _cli("--status", env_extra={"PACE_TOPOLOGY": "0-0;1-1", "PACE_SLOT_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("slot 0  node 0  cpus 0") and f"pid={os.getpid()}" in lines[0]
+    assert lines[1].startswith("slot 1  node 1  cpus 1") and lines[1].endswith("free")
