@@ -137,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.status:
         from pace_core.numa import slot_dir, slot_status
 
+        print(f"locks in {slot_dir()}")
         for st in slot_status(slots):
             who = ", ".join(st["held_by"]) if st["held_by"] else "free"
             print(f"slot {st['index']}  node {st['numa_node']}  cpus {st['cpulist']:<12} {who}")
-        print(f"(locks in {slot_dir()})", file=sys.stderr)
         return 0
     print(describe(nodes, slots), file=sys.stderr)
     cmd = ray_start_command(head=args.head, address=args.address, port=args.port,

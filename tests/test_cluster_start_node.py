@@ -144,5 +144,6 @@ def test_cli_status_shows_holders(two_slot_topology, tmp_path, monkeypatch):
         r = _cli("--status", env_extra={"PACE_TOPOLOGY": "0-0;1-1", "PACE_SLOT_DIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
+    assert lines.pop(0) == f"locks in {tmp_path}"
     assert lines[0].startswith("slot 0  node 0  cpus 0") and f"pid={os.getpid()}" in lines[0]
     assert lines[1].startswith("slot 1  node 1  cpus 1") and lines[1].endswith("free")
