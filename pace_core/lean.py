@@ -108,3 +108,36 @@ class LeanRunner:
         h = self.model.model.norm(h[:, -num_logits:])
         self.seq_len = end
         return self.model.lm_head(h)[0, :, : self.vocab_limit].float()
+
+
+def masked_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                   attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Training forward of a Llama-family model with explicit position ids and an
+    explicit boolean attention mask (B, T, T), True = may attend (None = causal).
+    Reuses the model's modules, so gradients flow into its own weights. Returns logits
+    (B, T, vocab)."""
+    cfg = model.config
+    B, T = input_ids.shape
+    attn0 = model.model.layers[0].self_attn
+    H = cfg.num_attention_heads
+    KV = getattr(cfg, "num_key_value_heads", None) or H
+    D = getattr(attn0, "head_dim", None) or cfg.hidden_size // H
+    scaling = getattr(attn0, "scaling", D ** -0.5)
+    apply_rotary = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
+    h = model.model.embed_tokens(input_ids)
+    cos, sin = model.model.rotary_emb(h, position_ids)
+    mask = attn_mask.unsqueeze(1) if attn_mask is not None else None
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(B, T, H, D)
+        k = attn.k_proj(x).view(B, T, KV, D)
+        v = attn.v_proj(x).view(B, T, KV, D).transpose(1, 2)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
+                                           enable_gqa=H != KV)
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(model.model.norm(h))
