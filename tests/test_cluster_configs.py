@@ -17,8 +17,7 @@ LAUNCHER_YAMLS = ["ray-cluster.aws.yaml", "ray-cluster.local.yaml"]
 # serveConfigV2 may differ from serve_config.yaml only in these application args:
 # replica bounds (a cluster has more slots than the demo machine) and the slot size
 # (on Kubernetes a worker pod is a slot).
-K8S_ARGS_ALLOWED_TO_DIFFER = {"cores_per_slot", "num_replicas", "autoscaling_config",
-                              "min_replicas", "max_replicas"}
+K8S_ARGS_ALLOWED_TO_DIFFER = {"cores_per_slot", "num_replicas", "autoscaling"}
 
 
 def load(name):
@@ -109,12 +108,20 @@ def test_rayservice_serve_config_validates(rayservice):
     args = app.args
     assert args["cores_per_slot"] is None  # the pod's cpuset is the slot
     # Serve autoscaling on ongoing requests, bounded by the cluster's slots
-    auto = args["autoscaling_config"]
+    auto = args["autoscaling"]
     assert auto["target_ongoing_requests"] == 1
     group = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     slots_per_pod = kuberay_resources(group["rayStartParams"]["resources"])["pace_slot"]
     assert 1 <= auto["min_replicas"] <= auto["max_replicas"] <= group["maxReplicas"] * slots_per_pod
     assert cfg["http_options"]["host"] == "0.0.0.0"
+
+
+def test_rayservice_args_are_valid_app_args(rayservice):
+    """The application's own argument model accepts serveConfigV2's args."""
+    app_args = pytest.importorskip("deployments.args")
+    _, app = _serve_app(rayservice)
+    parsed = app_args.AppArgs(**app.args)
+    assert parsed.cores_per_slot is None and parsed.autoscaling.max_replicas == 8
 
 
 def _applications(cfg: dict) -> list[dict]:
