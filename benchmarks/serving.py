@@ -1,0 +1,264 @@
+"""Closed-loop HTTP load against the OpenAI-compatible endpoint: streaming completions,
+a concurrency sweep, throughput and TTFT / inter-token latency percentiles; optionally
+replicas 1 vs 2 (it launches `serve run` itself) and the overhead of HTTP + Serve over
+the in-process engine at concurrency 1.
+
+    serve run serve_config.yaml &                      # then:
+    python benchmarks/serving.py --concurrency 1,2,4,8
+    python benchmarks/serving.py --launch-replicas 1,2 --concurrency 1,2,4 --in-process
+    python benchmarks/serving.py --smoke               # tiny models, launches its own server (CI)
+
+Traffic goes to loopback only unless --allow-remote is given. Writes <out>.json/.md/.png.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from latency import fmt, load_prompts, pct  # noqa: E402
+
+
+def check_loopback(url: str, allow_remote: bool) -> None:
+    host = urlparse(url).hostname or ""
+    if not allow_remote and not (host in ("localhost", "::1") or host.startswith("127.")):
+        sys.exit(f"refusing to load {host}: not a loopback address (pass --allow-remote for your own remote server)")
+
+
+async def one_request(client, url, model, prompt, max_tokens, headers) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    arrivals, tokens, usage = [], 0, None
+    async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            return {"ok": False, "status": resp.status_code, "latency": time.perf_counter() - t0}
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            if event.get("choices") and event["choices"][0].get("text"):
+                arrivals.append(time.perf_counter() - t0)
+    n = usage["completion_tokens"] if usage else len(arrivals)
+    latency = time.perf_counter() - t0
+    # inter-token latency: gaps between text chunks, shared by the tokens they carry
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    per_token = (latency - arrivals[0]) / max(n - 1, 1) if arrivals else None
+    return {"ok": True, "status": 200, "latency": latency, "ttft": arrivals[0] if arrivals else latency,
+            "tokens": n, "tpot": per_token, "gaps": gaps}
+
+
+async def closed_loop(url, model, prompts, concurrency, num_requests, max_tokens, headers) -> dict:
+    import httpx
+
+    queue = list(range(num_requests))
+    results = []
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def worker(w):
+            while queue:
+                i = queue.pop()
+                results.append(await one_request(client, url, model, prompts[i % len(prompts)], max_tokens, headers))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    tpot = [r["tpot"] for r in ok if r["tpot"] is not None]
+    return {
+        "concurrency": concurrency, "requests": len(results), "ok": len(ok),
+        "errors": sorted({r["status"] for r in results if not r["ok"]}),
+        "throughput_tok_s": sum(r["tokens"] for r in ok) / wall, "requests_per_s": len(ok) / wall,
+        "ttft_ms_p50": 1000 * pct([r["ttft"] for r in ok], 0.5), "ttft_ms_p90": 1000 * pct([r["ttft"] for r in ok], 0.9),
+        "tpot_ms_p50": 1000 * pct(tpot, 0.5), "tpot_ms_p90": 1000 * pct(tpot, 0.9),
+        "latency_s_p50": pct([r["latency"] for r in ok], 0.5), "latency_s_p90": pct([r["latency"] for r in ok], 0.9),
+    }
+
+
+def wait_ready(url: str, timeout: float = 300, proc=None) -> str:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
+        try:
+            r = httpx.get(f"{url}/v1/models", timeout=5)
+            if r.status_code == 200 and r.json().get("data"):
+                return r.json()["data"][0]["id"]
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"no answer from {url}/v1/models within {timeout:.0f}s")
+
+
+def launch(config: dict, replicas: int, port: int):
+    """`serve run` a copy of the serve config with `replicas` replicas on 127.0.0.1:port."""
+    import yaml
+
+    cfg = json.loads(json.dumps(config))
+    cfg.setdefault("http_options", {}).update(host="127.0.0.1", port=port)
+    app = cfg["applications"][0]
+    app.setdefault("args", {})["num_replicas"] = replicas
+    app["args"].pop("autoscaling", None)
+    path = Path(tempfile.mkdtemp(prefix="pace-serving-")) / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RAY_DASHBOARD_ENABLED": "0"}
+    log = open(path.with_suffix(".log"), "w")
+    proc = subprocess.Popen(["serve", "run", str(path)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    return proc, path.with_suffix(".log")
+
+
+def stop(proc) -> None:
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+
+
+def in_process_tpot(args, prompts) -> dict:
+    """The same requests through LLMModel in this process, concurrency 1."""
+    from pace_core import LLMModel, PardSpecDecodeConfig, SamplingConfig
+
+    a = args.app_args
+    pard = (PardSpecDecodeConfig(model_name_or_path=a["draft"], num_speculative_tokens=a.get("num_speculative_tokens", 8))
+            if a.get("draft") else None)
+    llm = LLMModel(a["target"], dtype=a.get("dtype", "float32"), pard_config=pard, num_threads=a.get("cores_per_slot") or 1)
+    tpot, ttft = [], []
+    for i in range(args.requests + 1):
+        t0 = time.perf_counter()
+        first, n = None, 0
+        for c in llm.stream(prompts[i % len(prompts)], SamplingConfig(max_new_tokens=args.max_tokens)):
+            if c.text and first is None:
+                first = time.perf_counter() - t0
+            n += len(c.token_ids)
+        if i:  # the first one is warm-up
+            total = time.perf_counter() - t0
+            ttft.append(first or total)
+            tpot.append((total - (first or total)) / max(n - 1, 1))
+    return {"ttft_ms_p50": 1000 * statistics.median(ttft), "tpot_ms_p50": 1000 * statistics.median(tpot)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--model", default=None, help="served model name (default: the first of /v1/models)")
+    ap.add_argument("--api-key", default=os.environ.get("PACE_API_KEY"))
+    ap.add_argument("--concurrency", default="1,2,4,8")
+    ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=Path, default=ROOT / "benchmarks" / "prompts" / "heldout.txt")
+    ap.add_argument("--launch-replicas", default=None, help="e.g. 1,2: run `serve run` on serve_config.yaml per count")
+    ap.add_argument("--config", type=Path, default=ROOT / "serve_config.yaml")
+    ap.add_argument("--in-process", action="store_true", help="also measure the engine in-process (concurrency 1)")
+    ap.add_argument("--allow-remote", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving"))
+    ap.add_argument("--smoke", action="store_true", help="tiny models, 1 replica, few requests (CI)")
+    args = ap.parse_args(argv)
+    check_loopback(args.url, args.allow_remote)
+    import yaml
+
+    config = yaml.safe_load(args.config.read_text())
+    if args.smoke:
+        from pace_core.testing import build_pair
+
+        target, draft = build_pair(tempfile.mkdtemp(prefix="pace-smoke-"), "qwen2")
+        config["applications"][0]["args"].update(target=target, draft=draft, num_speculative_tokens=3, dtype="float32")
+        args.launch_replicas, args.concurrency, args.requests, args.max_tokens = "1", "1,2", 4, 8
+        args.in_process, args.prompts = True, None
+        args.url = "http://127.0.0.1:8765"
+    args.app_args = config["applications"][0].get("args", {})
+    prompts = load_prompts(args.prompts, 32)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    rows = []
+    for replicas in ([int(r) for r in args.launch_replicas.split(",")] if args.launch_replicas else [None]):
+        proc = None
+        if replicas is not None:
+            port = urlparse(args.url).port or 8000
+            proc, log = launch(config, replicas, port)
+            print(f"launched serve run with {replicas} replica(s), log {log}", file=sys.stderr)
+        try:
+            model = args.model or wait_ready(args.url, proc=proc)
+            asyncio.run(closed_loop(args.url, model, prompts, 1, 2, args.max_tokens, headers))  # warm-up
+            for c in levels:
+                row = asyncio.run(closed_loop(args.url, model, prompts, c, max(args.requests, c), args.max_tokens, headers))
+                row["replicas"] = replicas
+                rows.append(row)
+                print(f"  replicas={replicas} concurrency={c}: {row['throughput_tok_s']:.1f} tok/s, "
+                      f"TTFT p50 {row['ttft_ms_p50']:.1f} ms, TPOT p50 {row['tpot_ms_p50']:.2f} ms, "
+                      f"errors {row['errors']}", file=sys.stderr)
+        finally:
+            if proc is not None:
+                stop(proc)
+    in_proc = in_process_tpot(args, prompts) if args.in_process else None
+    write_outputs(Path(args.out), rows, in_proc, args)
+    return 0
+
+
+def write_outputs(out: Path, rows, in_proc, args) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = "python benchmarks/serving.py " + " ".join(sys.argv[1:])
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "in_process": in_proc, "command": cmd,
+                                                    "max_tokens": args.max_tokens}, indent=1))
+    lines = [f"streaming /v1/completions, {args.max_tokens} tokens per request, greedy; `{cmd}`", "",
+             "| replicas | concurrency | requests ok | throughput tok/s | TTFT ms p50 | TTFT ms p90 | TPOT ms p50 | TPOT ms p90 |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['replicas'] or '-'} | {r['concurrency']} | {r['ok']}/{r['requests']} | "
+                     f"{fmt(r['throughput_tok_s'])} | {fmt(r['ttft_ms_p50'])} | {fmt(r['ttft_ms_p90'])} | "
+                     f"{fmt(r['tpot_ms_p50'], '.2f')} | {fmt(r['tpot_ms_p90'], '.2f')} |")
+    if in_proc:
+        c1 = [r for r in rows if r["concurrency"] == 1]
+        lines += ["", f"In-process engine, concurrency 1: TTFT p50 {in_proc['ttft_ms_p50']:.1f} ms, "
+                      f"TPOT p50 {in_proc['tpot_ms_p50']:.2f} ms."]
+        for r in c1:
+            lines.append(f"HTTP + Serve ({r['replicas'] or '?'} replicas), concurrency 1: TPOT p50 "
+                         f"{r['tpot_ms_p50']:.2f} ms ({100 * (r['tpot_ms_p50'] / in_proc['tpot_ms_p50'] - 1):+.1f}% vs in-process).")
+    table = "\n".join(lines) + "\n"
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for replicas in sorted({r["replicas"] or 0 for r in rows}):
+        sel = [r for r in rows if (r["replicas"] or 0) == replicas]
+        label = f"{replicas} replica(s)" if replicas else "server"
+        ax1.plot([r["concurrency"] for r in sel], [r["throughput_tok_s"] for r in sel], "o-", label=label)
+        ax2.plot([r["concurrency"] for r in sel], [r["tpot_ms_p50"] for r in sel], "o-", label=f"{label} TPOT p50")
+        ax2.plot([r["concurrency"] for r in sel], [r["ttft_ms_p90"] for r in sel], "s--", label=f"{label} TTFT p90")
+    ax1.set_xlabel("concurrent clients"), ax1.set_ylabel("tokens / s"), ax1.set_title("Throughput")
+    ax2.set_xlabel("concurrent clients"), ax2.set_ylabel("ms"), ax2.set_title("Latency")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3), ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Ray Serve deployments: NUMA-pinned PARD replicas behind an OpenAI-compatible router."""

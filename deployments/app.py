@@ -1,0 +1,62 @@
+"""The typed application builder: `serve run serve_config.yaml` (or `serve deploy`)
+calls ``build_app(args)``; Serve validates the args dict into :class:`AppArgs`, so a bad
+argument fails at deploy time with a message naming the field.
+
+    from deployments.app import build_app
+    serve.run(build_app(AppArgs(target="models/demo-target", num_replicas=2)), name="pace")
+"""
+import logging
+
+from ray import serve
+from ray.serve import Application
+
+from pace_core.loading import ModelLoadError, resolve_model_path
+from pace_core.numa import SLOT_RESOURCE
+
+from .args import AppArgs
+from .replica import LLMReplica
+from .router import Router
+
+logger = logging.getLogger("ray.serve")
+
+
+def _slot_resource_wanted(args: AppArgs) -> bool:
+    if args.slot_resource != "auto":
+        return args.slot_resource == "always"
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.cluster_resources().get(SLOT_RESOURCE, 0) > 0
+    except Exception:
+        return False
+
+
+def build_app(args: AppArgs) -> Application:
+    if not isinstance(args, AppArgs):
+        args = AppArgs(**(args or {}))
+    # check the paths now: a typo fails the deploy, not every replica start
+    resolved = {}
+    for field in ("target", "draft", "tokenizer"):
+        value = getattr(args, field)
+        if value:
+            try:
+                resolved[field] = resolve_model_path(value)
+            except ModelLoadError as err:
+                raise ValueError(f"{field}: {err}") from None
+    replica_args = {**args.model_dump(exclude={"api_key", "autoscaling"}), **resolved}
+
+    actor_options: dict = {"num_cpus": args.cores_per_slot or 1}
+    if _slot_resource_wanted(args):
+        actor_options["resources"] = {SLOT_RESOURCE: 1}
+    else:
+        logger.warning("the cluster advertises no '%s' resource (start nodes with `python -m cluster.start_node`): "
+                       "replicas are placed by CPU count only; each still claims a slot on its host", SLOT_RESOURCE)
+    if args.autoscaling:
+        scaling = {"autoscaling_config": args.autoscaling.model_dump()}
+    else:
+        scaling = {"num_replicas": args.num_replicas}
+    replica = LLMReplica.options(ray_actor_options=actor_options, **scaling).bind(replica_args)
+    return Router.bind(replica, args.model_dump())
+
+
+app = build_app  # `serve run deployments.app:app target=...` also works

@@ -1,0 +1,80 @@
+"""The application's arguments: one pydantic model, validated by Serve when the app is
+built, so a bad argument fails at deploy time with a message naming the field."""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pace_core.configs import MAX_SPECULATIVE_TOKENS
+
+
+class AutoscalingArgs(BaseModel):
+    """Serve autoscaling on ongoing requests; ``max_replicas`` is further bounded by the
+    cluster's slots (replicas beyond them stay pending, harmlessly)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(1.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    metrics_interval_s: float = Field(2.0, gt=0)
+    look_back_period_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingArgs":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    target: str = "models/demo-target"
+    draft: str | None = "models/demo-draft"  # None: plain decoding
+    num_speculative_tokens: int = 8
+    pard_token: int | None = None
+    dtype: Literal["bfloat16", "float32", "float16"] = "float32"
+    tokenizer: str | None = None
+    served_model_name: str = "pace-demo"
+    num_replicas: int = Field(2, ge=1)
+    autoscaling: AutoscalingArgs | None = None
+    cores_per_slot: int | None = Field(None, ge=1)
+    # request the `pace_slot` Ray resource per replica: "auto" = when the cluster advertises it
+    slot_resource: Literal["auto", "always", "never"] = "auto"
+    pin: bool = True  # claim a NUMA slot and pin each replica to it
+    max_queued_requests: int = Field(16, ge=0)  # beyond replicas + this: 503
+    default_max_tokens: int = Field(256, ge=1)  # when a request gives no max_tokens
+    api_key: str | None = None  # or the PACE_API_KEY environment variable
+    trust_remote_code: bool = False
+
+    @field_validator("num_speculative_tokens")
+    @classmethod
+    def _k(cls, v: int) -> int:
+        if not 1 <= v <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS} (got {v}); "
+                             "set draft: null for plain decoding")
+        return v
+
+    @field_validator("draft", "tokenizer", mode="before")
+    @classmethod
+    def _none_strings(cls, v):
+        return None if isinstance(v, str) and v.strip().lower() in ("", "none", "null") else v
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("served_model_name must not be empty")
+        return v
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get("PACE_API_KEY") or None
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas

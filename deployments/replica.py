@@ -1,0 +1,137 @@
+"""The replica: one LLMModel (target + optional PARD draft) pinned to one NUMA slot,
+serving one request at a time. No model math here: it only calls pace_core."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ray import serve
+
+logger = logging.getLogger("ray.serve")
+
+USER_ERRORS = (ValueError,)  # RequestError, pydantic ValidationError and ModelLoadError are ValueErrors
+
+
+@serve.deployment(max_ongoing_requests=1, health_check_period_s=5, graceful_shutdown_timeout_s=5)
+class LLMReplica:
+    def __init__(self, args: dict):
+        from pace_core import LLMModel, PardSpecDecodeConfig
+        from pace_core.numa import claim_slot_and_pin
+
+        # pin BEFORE loading: first-touch then places the weights in the slot's memory
+        self.slot = claim_slot_and_pin(cores_per_slot=args.get("cores_per_slot")) if args.get("pin", True) else None
+        t0 = time.perf_counter()
+        pard = None
+        if args.get("draft"):
+            pard = PardSpecDecodeConfig(model_name_or_path=args["draft"], pard_token=args.get("pard_token"),
+                                        num_speculative_tokens=args["num_speculative_tokens"])
+        self.model = LLMModel(args["target"], dtype=args["dtype"], pard_config=pard,
+                              tokenizer_name_or_path=args.get("tokenizer"),
+                              trust_remote_code=args.get("trust_remote_code", False))
+        self.load_s = time.perf_counter() - t0
+        # one thread runs the engine: steps of a request never overlap, and closing a
+        # generator waits for its current step
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pace-engine")
+        self.requests_served = 0
+        self.tokens_generated = 0
+        self.last_request: dict = {}  # tokens generated and finish reason of the latest request
+        logger.info("replica pid %d: %s loaded in %.1fs; slot %s", os.getpid(), args["target"], self.load_s,
+                    self.slot.to_dict() if self.slot else "none (not pinned)")
+
+    def _prompt_ids(self, request: dict) -> list[int]:
+        if request.get("messages") is not None:
+            return self.model.apply_chat_template(request["messages"])
+        return self.model.encode(request["prompt"])
+
+    async def stream(self, request: dict):
+        """Yield dicts: {"text", "token_ids", "finish_reason", "num_prompt_tokens"} per
+        accepted chunk, the last with "stats"; a user error yields one {"error": ...}."""
+        from pace_core import SamplingConfig
+
+        loop = asyncio.get_running_loop()
+        try:
+            prompt_ids = await loop.run_in_executor(self._executor, self._prompt_ids, request)
+            fields = dict(request.get("sampling", {}))
+            room = (self.model.max_context or 1 << 30) - len(prompt_ids)
+            if request.get("max_tokens_is_default") and room > 0:
+                fields["max_new_tokens"] = min(fields.get("max_new_tokens", room), room)  # as vLLM: fit the context
+            sampling = SamplingConfig(**fields)
+            self.model.check_request(prompt_ids, sampling)
+        except USER_ERRORS as err:
+            yield {"error": _error_message(err)}
+            return
+        chunks = self.model.stream(prompt_ids, sampling)
+        self.last_request = {"tokens": 0, "finish_reason": None}
+        try:
+            while True:
+                chunk = await loop.run_in_executor(self._executor, next, chunks, None)
+                if chunk is None:
+                    break
+                self.last_request["tokens"] += len(chunk.token_ids)
+                self.tokens_generated += len(chunk.token_ids)
+                self.last_request["finish_reason"] = chunk.finish_reason
+                out = {"text": chunk.text, "token_ids": chunk.token_ids, "finish_reason": chunk.finish_reason,
+                       "num_prompt_tokens": len(prompt_ids)}
+                if chunk.finish_reason:
+                    out["stats"] = chunk.stats.to_dict()
+                yield out
+        finally:
+            # normal end, or the caller went away (cancellation): stop decoding after
+            # the current step and free the replica
+            await loop.run_in_executor(self._executor, chunks.close)
+            self.requests_served += 1
+
+    async def generate(self, request: dict) -> dict:
+        """The whole output at once (same dict keys as the stream's chunks, joined)."""
+        text, ids, last = [], [], {}
+        async for chunk in self.stream(request):
+            if "error" in chunk:
+                return chunk
+            text.append(chunk["text"])
+            ids += chunk["token_ids"]
+            last = chunk
+        return {**last, "text": "".join(text), "token_ids": ids}
+
+    def info(self) -> dict:
+        import torch
+
+        return {
+            "pid": os.getpid(),
+            "target": self.model.config.model_name_or_path,
+            "draft": self.model.config.pard_config.model_name_or_path if self.model.draft else None,
+            "num_speculative_tokens": self.model.num_speculative_tokens,
+            "dtype": self.model.config.dtype,
+            "max_context": self.model.max_context,
+            "slot": self.slot.to_dict() if self.slot else None,
+            "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "torch_threads": torch.get_num_threads(),
+            "load_s": self.load_s,
+            "requests_served": self.requests_served,
+            "tokens_generated": self.tokens_generated,
+            "last_request": dict(self.last_request),
+        }
+
+    def check_health(self) -> None:
+        if self.model is None:
+            raise RuntimeError("model not loaded")
+
+    def __del__(self):
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        if getattr(self, "slot", None) is not None:
+            self.slot.release()
+
+
+def _error_message(err: Exception) -> str:
+    """A one-line message for a user error (pydantic errors list each field)."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        try:
+            return "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}".lstrip(": ") for e in errors())
+        except Exception:
+            pass
+    return str(err)

@@ -1,0 +1,315 @@
+"""The ingress: OpenAI-compatible HTTP (FastAPI) and the same operations as Python
+handle methods. It validates, admits (bounded queue), forwards to a free replica and
+formats; it does no model math."""
+import asyncio
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .args import AppArgs
+from .metrics import Metrics
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_body,
+    chat_chunk,
+    completion_body,
+    completion_chunk,
+    new_id,
+    usage_chunk,
+)
+
+logger = logging.getLogger("ray.serve")
+app = FastAPI(title="pace-serve", description="PARD speculative decoding on CPU replicas, OpenAI-compatible")
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if err.status in (429, 503) else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def _validation_error(errors: list[dict]) -> APIError:
+    parts, params = [], []
+    for e in errors:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        params.append(loc)
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return APIError(400, "invalid request body: " + "; ".join(parts), param=params[0] if params else None)
+
+
+async def _parse(request: Request, model):
+    try:
+        data = await request.json()
+    except Exception:
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise _validation_error(err.errors()) from None
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError):
+    return _error_response(_validation_error(exc.errors()))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    return _error_response(APIError(exc.status_code, str(exc.detail)))
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+@serve.deployment(max_ongoing_requests=1024, num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Router:
+    def __init__(self, replica, args: dict):
+        self.replica = replica
+        self.args = AppArgs(**args)
+        self.model_name = self.args.served_model_name
+        self.api_key = self.args.resolved_api_key()
+        self.metrics = Metrics(self.model_name)
+        self.metrics.running_capacity = self.args.max_replicas
+        self.capacity = self.args.max_replicas + self.args.max_queued_requests
+        self._replica_info: dict | None = None
+
+    # ------------------------------------------------------------------ plumbing
+    def _check_auth(self, request: Request) -> None:
+        if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise APIError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", type_="authentication_error")
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(400, f"model {model!r} is not served here: use {self.model_name!r} (see /v1/models)",
+                           param="model", code="model_not_found")
+
+    def _sampling(self, body) -> dict:
+        if body.temperature and self.args.draft:
+            raise APIError(400, f"temperature={body.temperature} is not supported: this server decodes greedily with "
+                                "PARD speculative decoding; use temperature 0 (or omit it)", param="temperature")
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        sampling = body.sampling(self.args.default_max_tokens, max_tokens)
+        return {"sampling": sampling, "max_tokens_is_default": max_tokens is None}
+
+    def _admit(self) -> None:
+        if self.metrics.in_flight >= self.capacity:
+            raise APIError(503, f"server busy: {self.metrics.in_flight} requests in flight (limit {self.capacity}: "
+                                f"{self.args.max_replicas} replicas + {self.args.max_queued_requests} queued); retry later",
+                           code="overloaded", type_="server_error")
+        self.metrics.in_flight += 1
+
+    def _release(self) -> None:
+        self.metrics.in_flight -= 1
+
+    async def _route(self, route: str, request: Request, fn):
+        try:
+            self._check_auth(request)
+            response = await fn()
+        except APIError as err:
+            response = _error_response(err)
+        except Exception as err:  # a replica died, etc.: not the user's fault
+            logger.exception("request failed")
+            response = _error_response(APIError(500, f"internal error: {type(err).__name__}: {err}", type_="server_error"))
+        self.metrics.request_done(route, response.status_code)
+        return response
+
+    async def _generate(self, request: dict) -> dict:
+        """One unary generation on a free replica; raises APIError on user errors."""
+        self._admit()
+        t0 = time.perf_counter()
+        try:
+            out = await self.replica.generate.remote(request)
+        finally:
+            self._release()
+        if "error" in out:
+            raise APIError(400, out["error"])
+        e2e = time.perf_counter() - t0
+        stats = out.get("stats") or {}
+        ttft = e2e - (stats.get("total_time_s", 0) - stats.get("time_to_first_token_s", 0))
+        self.metrics.generation_done(out["num_prompt_tokens"], len(out["token_ids"]), stats, ttft, e2e)
+        return out
+
+    async def _open_stream(self, request: dict):
+        """Start a streaming generation; returns (first chunk, generator, t0). User errors
+        surface here, before any response header is sent, as a proper 400."""
+        self._admit()
+        t0 = time.perf_counter()
+        gen = self.replica.options(stream=True).stream.remote(request)
+        try:
+            first = await gen.__anext__()
+        except BaseException:
+            self._release()
+            gen.cancel()
+            raise
+        if "error" in first:
+            self._release()
+            raise APIError(400, first["error"])
+        return first, gen, t0
+
+    async def _chunks(self, first, gen, t0):
+        """All chunks of an open stream; records metrics; on early exit (client gone)
+        cancels the replica's generation, which stops within one decode step."""
+        n_tokens, done, last = 0, False, first
+        ttft = time.perf_counter() - t0
+        try:
+            chunk = first
+            while True:
+                n_tokens += len(chunk["token_ids"])
+                last = chunk
+                yield chunk
+                if chunk["finish_reason"]:
+                    break
+                try:
+                    chunk = await gen.__anext__()
+                except StopAsyncIteration:
+                    break
+            done = True
+        finally:
+            if not done:
+                gen.cancel()
+            self._release()
+            self.metrics.generation_done(first["num_prompt_tokens"], n_tokens, last.get("stats"), ttft,
+                                         time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ HTTP
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_route(self):
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        async def fn():
+            info = await self._info()
+            return JSONResponse({"object": "list", "data": [{
+                "id": self.model_name, "object": "model", "created": int(time.time()), "owned_by": "pace-serve",
+                "max_model_len": info.get("max_context"), "root": info.get("target"), "draft": info.get("draft"),
+                "num_speculative_tokens": info.get("num_speculative_tokens")}]})
+        return await self._route("/v1/models", request, fn)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        async def fn():
+            body = await _parse(request, CompletionRequest)
+            body.refuse_unsupported()
+            self._check_model(body.model)
+            prompts = body.prompts()
+            common = self._sampling(body)
+            rid, model = new_id("cmpl"), self.model_name
+            if body.stream:
+                if len(prompts) != 1:
+                    raise APIError(400, "streaming takes one prompt per request", "prompt")
+                first, gen, t0 = await self._open_stream({"prompt": prompts[0], **common})
+                usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(self._completion_sse(rid, model, first, gen, t0, usage),
+                                         media_type="text/event-stream")
+            outs = await asyncio.gather(*(self._generate({"prompt": p, **common}) for p in prompts))
+            return JSONResponse(completion_body(rid, model, outs))
+        return await self._route("/v1/completions", request, fn)
+
+    async def _completion_sse(self, rid, model, first, gen, t0, include_usage):
+        created, n, prompt_tokens, finish = int(time.time()), 0, first["num_prompt_tokens"], None
+        async for chunk in self._chunks(first, gen, t0):
+            n += len(chunk["token_ids"])
+            finish = chunk["finish_reason"]
+            if chunk["text"]:
+                yield _sse(completion_chunk(rid, model, created, chunk["text"], None))
+        yield _sse(completion_chunk(rid, model, created, "", finish))
+        if include_usage:
+            yield _sse(usage_chunk(rid, model, created, "text_completion", prompt_tokens, n))
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        async def fn():
+            body = await _parse(request, ChatCompletionRequest)
+            body.refuse_unsupported()
+            self._check_model(body.model)
+            req = {"messages": body.plain_messages(), **self._sampling(body)}
+            rid, model = new_id("chatcmpl"), self.model_name
+            if body.stream:
+                first, gen, t0 = await self._open_stream(req)
+                usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(self._chat_sse(rid, model, first, gen, t0, usage),
+                                         media_type="text/event-stream")
+            return JSONResponse(chat_body(rid, model, await self._generate(req)))
+        return await self._route("/v1/chat/completions", request, fn)
+
+    async def _chat_sse(self, rid, model, first, gen, t0, include_usage):
+        created, n, prompt_tokens, finish = int(time.time()), 0, first["num_prompt_tokens"], None
+        yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
+        async for chunk in self._chunks(first, gen, t0):
+            n += len(chunk["token_ids"])
+            finish = chunk["finish_reason"]
+            if chunk["text"]:
+                yield _sse(chat_chunk(rid, model, created, {"content": chunk["text"]}, None))
+        yield _sse(chat_chunk(rid, model, created, {}, finish))
+        if include_usage:
+            yield _sse(usage_chunk(rid, model, created, "chat.completion.chunk", prompt_tokens, n))
+        yield "data: [DONE]\n\n"
+
+    # ------------------------------------------------------------------ Python handle methods
+    async def _info(self) -> dict:
+        if self._replica_info is None:
+            self._replica_info = await self.replica.info.remote()
+        return self._replica_info
+
+    @staticmethod
+    def _sampling_dict(sampling) -> dict:
+        if sampling is None:
+            return {}
+        if hasattr(sampling, "model_dump"):
+            return sampling.model_dump(exclude_unset=True)
+        return dict(sampling)
+
+    async def generate(self, prompt, sampling=None) -> dict:
+        """handle.generate.remote("def f():", {"max_new_tokens": 32}) -> {"text", "token_ids",
+        "finish_reason", "num_prompt_tokens", "stats"}. Raises ValueError on bad input."""
+        try:
+            return await self._generate({"prompt": prompt, "sampling": self._sampling_dict(sampling)})
+        except APIError as err:
+            raise ValueError(err.message) from None
+
+    async def chat(self, messages: list[dict], sampling=None) -> dict:
+        try:
+            return await self._generate({"messages": messages, "sampling": self._sampling_dict(sampling)})
+        except APIError as err:
+            raise ValueError(err.message) from None
+
+    async def generate_stream(self, prompt, sampling=None):
+        """handle.options(stream=True).generate_stream.remote(prompt, sampling): yields chunk dicts."""
+        async for chunk in self._stream_handle({"prompt": prompt, "sampling": self._sampling_dict(sampling)}):
+            yield chunk
+
+    async def chat_stream(self, messages: list[dict], sampling=None):
+        async for chunk in self._stream_handle({"messages": messages, "sampling": self._sampling_dict(sampling)}):
+            yield chunk
+
+    async def _stream_handle(self, request: dict):
+        try:
+            first, gen, t0 = await self._open_stream(request)
+        except APIError as err:
+            raise ValueError(err.message) from None
+        async for chunk in self._chunks(first, gen, t0):
+            yield chunk
+
+    async def info(self) -> dict:
+        """Served model, arguments (without the API key) and a replica's info."""
+        return {"served_model_name": self.model_name, "args": self.args.model_dump(exclude={"api_key"}),
+                "replica": await self.replica.info.remote(), "in_flight": self.metrics.in_flight}

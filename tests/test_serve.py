@@ -1,0 +1,343 @@
+"""Ray Serve end to end with tiny models: a real Ray, Serve on 127.0.0.1, HTTP through
+httpx and the openai client, and Python handle calls."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "sk-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pair):
+    """App "pace" (2 replicas, queue bound 6) at /, app "one" (1 replica, API key) at /one."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    os.environ["PACE_PIN"] = "0"  # the pinning tests live in test_cluster_serve_pinning.py
+    target, draft = tiny_pair
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="pace-serve-test")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"target": target, "draft": draft, "num_speculative_tokens": 3, "dtype": "float32"}
+    handle = serve.run(build_app({**common, "num_replicas": 2, "max_queued_requests": 6}), name="pace", route_prefix="/")
+    serve.run(build_app({**common, "num_replicas": 1, "api_key": API_KEY, "served_model_name": "one"}),
+              name="one", route_prefix="/one")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    try:
+        yield {"client": client, "handle": handle, "port": port, "url": f"http://127.0.0.1:{port}"}
+    finally:
+        client.close()
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.pop("PACE_PIN", None)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_pair):
+    from pace_core import LLMModel, PardSpecDecodeConfig
+
+    target, draft = tiny_pair
+    return LLMModel(target, dtype="float32", pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=3))
+
+
+def sse_events(response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    return events
+
+
+def test_models_health_metrics(server):
+    c = server["client"]
+    assert c.get("/health").json() == {"status": "ok"}
+    models = c.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "pace-demo"
+    assert models["data"][0]["max_model_len"] == 512
+    metrics = c.get("/metrics").text
+    for name in ("pace_requests_total", "pace_time_to_first_token_seconds_bucket", "pace_inter_token_latency_seconds",
+                 "pace_generation_tokens_total", "pace_mean_accepted_tokens_per_step", "pace_queue_depth"):
+        assert name in metrics
+
+
+PROMPTS = ["def add(a, b):\n    return", "import os\n", "class Stack:\n    def push(self, item):"]
+
+
+def test_completion_equals_engine_and_usage(server, engine):
+    from pace_core import SamplingConfig
+
+    for prompt in PROMPTS:
+        r = server["client"].post("/v1/completions", json={"model": "pace-demo", "prompt": prompt, "max_tokens": 20})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        ref = engine.generate(prompt, SamplingConfig(max_new_tokens=20))
+        choice = body["choices"][0]
+        assert choice["text"] == ref.text and choice["finish_reason"] == ref.finish_reason
+        assert body["usage"] == {"prompt_tokens": len(ref.prompt_token_ids), "completion_tokens": len(ref.token_ids),
+                                 "total_tokens": len(ref.prompt_token_ids) + len(ref.token_ids)}
+        assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+
+
+def test_stream_concatenation_equals_unary(server):
+    c = server["client"]
+    for prompt in PROMPTS:
+        body = {"prompt": prompt, "max_tokens": 24, "stop": ["\n\n"]}
+        unary = c.post("/v1/completions", json=body).json()
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True,
+                                                       "stream_options": {"include_usage": True}}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(r)
+        assert events[-1] == "[DONE]"
+        chunks = [e for e in events[:-1] if e["choices"]]
+        assert "".join(e["choices"][0]["text"] for e in chunks) == unary["choices"][0]["text"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == unary["choices"][0]["finish_reason"]
+        assert events[-2]["usage"] == unary["usage"]
+
+
+def test_chat_unary_and_stream_equal_engine_chat(server, engine):
+    from pace_core import SamplingConfig
+
+    c = server["client"]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "write a loop"}]
+    ref = engine.chat(messages, SamplingConfig(max_new_tokens=16))
+    r = c.post("/v1/chat/completions", json={"model": "pace-demo", "messages": messages, "max_tokens": 16})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": ref.text}
+    assert body["usage"]["completion_tokens"] == len(ref.token_ids)
+    with c.stream("POST", "/v1/chat/completions", json={"messages": messages, "max_tokens": 16, "stream": True}) as r:
+        events = sse_events(r)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == ref.text
+    assert events[-2]["choices"][0]["finish_reason"] == ref.finish_reason and events[-1] == "[DONE]"
+
+
+def test_concurrent_requests_all_equal_their_reference(server):
+    import httpx
+
+    prompts = [f"def f{i}(x):\n    return x +" for i in range(8)]
+    refs = {p: server["client"].post("/v1/completions", json={"prompt": p, "max_tokens": 30}).json()["choices"][0]["text"]
+            for p in prompts}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=120) as ac:
+            return await asyncio.gather(*(ac.post("/v1/completions", json={"prompt": p, "max_tokens": 30}) for p in prompts))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 8
+    assert [r.json()["choices"][0]["text"] for r in responses] == [refs[p] for p in prompts]
+
+
+def test_overflow_gets_503_quickly(server):
+    import httpx
+
+    body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=120) as ac:
+            async def one():
+                t0 = time.perf_counter()
+                r = await ac.post("/v1/completions", json=body)
+                return r, time.perf_counter() - t0
+            return await asyncio.gather(*(one() for _ in range(14)))
+
+    results = asyncio.run(run())
+    statuses = [r.status_code for r, _ in results]
+    assert statuses.count(200) >= 8 and statuses.count(503) >= 1, statuses
+    for r, dt in results:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "overloaded" and "retry" in r.json()["error"]["message"]
+            assert r.headers.get("retry-after") == "1"
+            assert dt < 5
+    assert server["client"].post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+BAD_BODIES = [
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 100000}, "context length"),
+    ({"prompt": ""}, "prompt must not be empty"),
+    ({"prompt": []}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "x", "model": "gpt-4"}, "not served here"),
+    ({"prompt": "x", "temperature": 0.7}, "temperature"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": "x", "n": 2}, "n > 1"),
+    ({"prompt": "x", "logprobs": 3}, "logprobs"),
+    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": [10 ** 7]}, "outside the vocabulary"),
+    ({"prompt": ["a", "b"], "stream": True}, "one prompt"),
+]
+
+
+@pytest.mark.parametrize("body,needle", BAD_BODIES)
+def test_bad_completion_bodies(server, body, needle):
+    r = server["client"].post("/v1/completions", json=body)
+    assert r.status_code == 400, (body, r.text)
+    err = r.json()["error"]
+    assert needle in err["message"] or needle == err.get("param"), err
+    assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "text content"),
+    ({"messages": "hello"}, "messages"),
+])
+def test_bad_chat_bodies(server, body, needle):
+    r = server["client"].post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_not_json_and_server_still_answers(server):
+    c = server["client"]
+    r = c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3}).status_code == 200
+    assert 'status="400"' in c.get("/metrics").text
+
+
+def test_api_key(server):
+    c = server["client"]
+    body = {"prompt": "x", "max_tokens": 2}
+    assert c.post("/one/v1/completions", json=body).status_code == 401
+    assert c.post("/one/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = c.post("/one/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200 and r.json()["model"] == "one"
+    assert c.post("/v1/completions", json=body).status_code == 200  # the other app has no key
+
+
+def test_client_disconnect_stops_generation_within_a_step(server):
+    """The 1-replica app: a 480-token stream is closed after two chunks; the replica must
+    stop right there (it generated only a few of the 480 tokens) and be free."""
+    from ray import serve
+
+    c = server["client"]
+    one = serve.get_app_handle("one")
+    before = one.info.remote().result(timeout_s=60)["replica"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": "x", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    with c.stream("POST", "/one/v1/completions", json=body, headers=headers) as r:
+        got = 0
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                got += 1
+                if got == 2:
+                    break
+    r = c.post("/one/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=headers)
+    assert r.status_code == 200
+    after = one.info.remote().result(timeout_s=60)["replica"]
+    assert after["pid"] == before["pid"] and after["last_request"]["tokens"] == 2
+    cancelled = after["tokens_generated"] - before["tokens_generated"] - 2
+    assert 2 <= cancelled < 120, cancelled  # stopped long before its 480 tokens
+
+
+def test_handle_calls(server, engine):
+    from ray import serve
+
+    from pace_core import SamplingConfig
+
+    handle = serve.get_app_handle("pace")
+    out = handle.generate.remote("def add(a, b):\n    return", SamplingConfig(max_new_tokens=12)).result(timeout_s=60)
+    ref = engine.generate("def add(a, b):\n    return", SamplingConfig(max_new_tokens=12))
+    assert out["text"] == ref.text and out["token_ids"] == ref.token_ids
+    assert out["stats"]["steps"] >= 1
+    chunks = list(handle.options(stream=True).generate_stream.remote("def add(a, b):\n    return", {"max_new_tokens": 12}))
+    assert "".join(ch["text"] for ch in chunks) == ref.text
+    chat = handle.chat.remote([{"role": "user", "content": "hi"}], {"max_new_tokens": 5}).result(timeout_s=60)
+    assert chat["token_ids"] == engine.chat([{"role": "user", "content": "hi"}], SamplingConfig(max_new_tokens=5)).token_ids
+    with pytest.raises(Exception, match="max_new_tokens"):
+        handle.generate.remote("x", {"max_new_tokens": 0}).result(timeout_s=60)
+
+
+def test_openai_client(server, engine):
+    import openai
+
+    from pace_core import SamplingConfig
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused")
+    ref = engine.generate("import os\n", SamplingConfig(max_new_tokens=10))
+    out = client.completions.create(model="pace-demo", prompt="import os\n", max_tokens=10, temperature=0)
+    assert out.choices[0].text == ref.text and out.usage.completion_tokens == len(ref.token_ids)
+    stream = client.chat.completions.create(model="pace-demo", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=8, stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert text == engine.chat([{"role": "user", "content": "hi"}], SamplingConfig(max_new_tokens=8)).text
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="pace-demo", prompt="x", max_tokens=3, temperature=0.9)
+
+
+# ----------------------------------------------------------------------------- deploy-time validation
+@pytest.mark.parametrize("args,needle", [
+    ({"num_speculative_tokens": 40}, "num_speculative_tokens must be in 1..32"),
+    ({"target": "/no/such/model"}, "target"),
+    ({"draft": "/no/such/draft"}, "draft"),
+    ({"num_replicas": 0}, "num_replicas"),
+    ({"dtype": "int4"}, "dtype"),
+    ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
+    ({"unknown_option": 1}, "unknown_option"),
+])
+def test_bad_app_args_fail_at_build_time(tiny_pair, args, needle):
+    from deployments.app import build_app
+
+    target, draft = tiny_pair
+    with pytest.raises(ValueError, match=needle):
+        build_app({"target": target, "draft": draft, **args})
+
+
+@pytest.mark.slow
+def test_serve_run_serve_config_yaml():
+    """`serve run serve_config.yaml` serves the bundled demo pair on 127.0.0.1:8000."""
+    import httpx
+
+    if not (ROOT / "models" / "demo-target" / "config.json").is_file():
+        pytest.skip("the demo pair is not in models/ yet")
+    env = {**os.environ, "RAY_DASHBOARD_ENABLED": "0", "PACE_PIN": "0"}
+    proc = subprocess.Popen(["serve", "run", "serve_config.yaml"], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert proc.poll() is None, "serve run exited"
+            try:
+                if httpx.get("http://127.0.0.1:8000/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        r = httpx.post("http://127.0.0.1:8000/v1/completions",
+                       json={"model": "pace-demo", "prompt": "def fibonacci(n):", "max_tokens": 32}, timeout=120)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
