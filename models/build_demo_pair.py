@@ -120,22 +120,44 @@ def stage_distill(a) -> None:
     out = RUN / "distill.pt"
     if out.is_file() and not a.force:
         return
-    from transformers import AutoModelForCausalLM
-    from tqdm import tqdm
+    from pace_core.loading import load_causal_lm
+    from pace_core.training.draft import distill
 
-    model = AutoModelForCausalLM.from_pretrained(TARGET_DIR, dtype=torch.float32).eval()
+    target = load_causal_lm(str(TARGET_DIR), "float32")
     ids = torch.load(RUN / "train_ids.pt").long()
-    rng = random.Random(2)
-    rows = []
-    batch, prompt_len = 32, a.distill_prompt_len
-    with torch.inference_mode():
-        for _ in tqdm(range(a.distill_samples // batch), desc="distill", mininterval=5):
-            starts = [rng.randrange(0, len(ids) - prompt_len) for _ in range(batch)]
-            x = torch.stack([ids[s : s + prompt_len] for s in starts])
-            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                               max_new_tokens=a.distill_new_tokens, eos_token_id=None, pad_token_id=0)
-            rows.append(y)
-    torch.save(torch.cat(rows), out)
+    rows = distill(target, ids, a.distill_samples, a.distill_prompt_len, a.distill_new_tokens, seed=2)
+    torch.save(rows, out)
+
+
+def stage_draft(a) -> None:
+    from transformers import AutoConfig
+
+    from pace_core.training.draft import new_draft, resolve_pard_token, train_draft
+
+    if (DRAFT_DIR / "model.safetensors").is_file() and not a.force:
+        return
+    tok = load_tokenizer()
+    target_cfg = AutoConfig.from_pretrained(TARGET_DIR)
+    pard = resolve_pard_token(tok, target_cfg.vocab_size)
+    draft = new_draft(target_cfg, pard, seed=3, layers=DRAFT_SHAPE["num_hidden_layers"], hidden=DRAFT_SHAPE["hidden_size"],
+                      heads=DRAFT_SHAPE["num_attention_heads"], kv_heads=DRAFT_SHAPE["num_key_value_heads"],
+                      intermediate=DRAFT_SHAPE["intermediate_size"])
+    print(f"draft: {sum(p.numel() for p in draft.parameters()) / 1e6:.2f}M parameters, pard_token={pard}", flush=True)
+    corpus_ids = torch.load(RUN / "train_ids.pt").long()
+    distilled = torch.load(RUN / "distill.pt")
+    t0 = time.time()
+    train_draft(draft, tok, pard, RUN / "draft", corpus_ids, distilled, a.draft_steps, blocks=a.blocks,
+                seq_len=a.distill_prompt_len + a.distill_new_tokens, batch=8, lr=a.draft_lr,
+                distill_fraction=0.8, seed=3, checkpoint_every=100)
+    shutil.rmtree(DRAFT_DIR, ignore_errors=True)
+    shutil.copytree(RUN / "draft", DRAFT_DIR, ignore=shutil.ignore_patterns("checkpoint", "*.pt"))
+    (RUN / "draft" / "time.json").write_text(json.dumps({"seconds": time.time() - t0, "steps": a.draft_steps}))
+
+
+def stage_eval(a) -> None:
+    import subprocess
+
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "acceptance.py")], check=True)
 
 
 def main(argv=None) -> int:
@@ -145,15 +167,18 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--target-steps", type=int, default=1000)
     ap.add_argument("--target-lr", type=float, default=2e-3)
-    ap.add_argument("--distill-samples", type=int, default=1024)
+    ap.add_argument("--distill-samples", type=int, default=2048)
     ap.add_argument("--distill-prompt-len", type=int, default=64)
     ap.add_argument("--distill-new-tokens", type=int, default=128)
-    ap.add_argument("--draft-steps", type=int, default=1500)
+    ap.add_argument("--draft-steps", type=int, default=2000)
+    ap.add_argument("--draft-lr", type=float, default=2e-3)
+    ap.add_argument("--blocks", type=int, default=9, help="1 + mask blocks: the draft learns K up to 8 at once")
     ap.add_argument("--force", action="store_true", help="redo stages whose output exists")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     RUN.mkdir(parents=True, exist_ok=True)
-    stages = {"tokenizer": stage_tokenizer, "target": stage_target, "distill": stage_distill}
+    stages = {"tokenizer": stage_tokenizer, "target": stage_target, "distill": stage_distill, "draft": stage_draft,
+              "eval": stage_eval}
     for name, fn in stages.items():
         if a.stage in ("all", name):
             fn(a)
