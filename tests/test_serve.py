@@ -316,7 +316,11 @@ def test_serve_run_serve_config_yaml():
 
     if not (ROOT / "models" / "demo-target" / "config.json").is_file():
         pytest.skip("the demo pair is not in models/ yet")
-    env = {**os.environ, "RAY_DASHBOARD_ENABLED": "0", "PACE_PIN": "0"}
+    import tempfile
+
+    # pinning on, with a private lock directory so that no other server on this host interferes
+    env = {**os.environ, "RAY_DASHBOARD_ENABLED": "0", "PACE_SLOT_DIR": tempfile.mkdtemp(prefix="pace-slots-")}
+    env.pop("PACE_PIN", None)
     proc = subprocess.Popen(["serve", "run", "serve_config.yaml"], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -332,6 +336,7 @@ def test_serve_run_serve_config_yaml():
         r = httpx.post("http://127.0.0.1:8000/v1/completions",
                        json={"model": "pace-demo", "prompt": "def fibonacci(n):", "max_tokens": 32}, timeout=120)
         assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        assert 'route="/v1/completions",status="200"' in httpx.get("http://127.0.0.1:8000/metrics", timeout=30).text
     finally:
         import signal
 
