@@ -128,7 +128,8 @@ class LLMModel:
         self.target = make_runner(target, cfg.runner)
         self.stop_token_ids = stop_token_ids(target, self.tokenizer)
         self.max_context = context_length(target.config)
-        self.draft: CausalLMRunner | None = None
+        self.draft = None  # a runner like self.target, when a PARD draft is configured
+        self.draft_context: int | None = None
         self.pard_token: int | None = None
         self.num_speculative_tokens = 0  # K; 0 = plain decoding
         if cfg.pard_config is not None:
@@ -189,7 +190,7 @@ class LLMModel:
 
     def check_request(self, prompt_ids: list[int], sampling: SamplingConfig) -> None:
         """Raise RequestError for what this model cannot do, before any work."""
-        for name, limit in (("target", self.max_context), ("draft", getattr(self, "draft_context", None) if self.draft else None)):
+        for name, limit in (("target", self.max_context), ("draft", self.draft_context if self.draft else None)):
             if limit and len(prompt_ids) + sampling.max_new_tokens > limit:
                 raise RequestError(
                     f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the {name}'s "
