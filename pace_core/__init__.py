@@ -1,19 +1,33 @@
 """pace_core: PARD speculative decoding for low-latency LLM inference on CPUs.
 
     from pace_core import LLMModel, PardSpecDecodeConfig, SamplingConfig
-"""
-from .configs import ModelConfig, PardSpecDecodeConfig, SamplingConfig
-from .llm import GenerationOutput, GenerationStats, LLMModel, RequestError, StreamChunk
-from .loading import ModelLoadError
 
-__all__ = [
-    "LLMModel",
-    "PardSpecDecodeConfig",
-    "SamplingConfig",
-    "ModelConfig",
-    "GenerationOutput",
-    "GenerationStats",
-    "StreamChunk",
-    "RequestError",
-    "ModelLoadError",
-]
+Names are imported lazily, so tools that only need the topology or the configs
+(``python -m cluster.start_node``) do not pay for importing torch and transformers.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "LLMModel": ".llm",
+    "GenerationOutput": ".llm",
+    "GenerationStats": ".llm",
+    "StreamChunk": ".llm",
+    "RequestError": ".llm",
+    "PardSpecDecodeConfig": ".configs",
+    "SamplingConfig": ".configs",
+    "ModelConfig": ".configs",
+    "ModelLoadError": ".loading",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pace_core' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
