@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +24,19 @@ def test_latency_benchmark_smoke(tmp_path):
         assert row["tokens_per_s"] > 0
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "| HF greedy |" in out.with_suffix(".md").read_text()
+
+
+def test_serving_benchmark_smoke(tmp_path):
+    """Launches `serve run` on tiny models (1 replica), a concurrency sweep, and the
+    in-process comparison."""
+    out = tmp_path / "serving"
+    env = {**os.environ, "PACE_SLOT_DIR": str(tmp_path / "slots")}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["concurrency"] for r in result["rows"]] == [1, 2]
+    assert all(r["ok"] == r["requests"] and r["throughput_tok_s"] > 0 for r in result["rows"])
+    assert result["in_process"]["tpot_ms_p50"] > 0
+    assert "vs in-process" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 1000

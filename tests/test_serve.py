@@ -151,7 +151,7 @@ def test_concurrent_requests_all_equal_their_reference(server):
 def test_overflow_gets_503_quickly(server):
     import httpx
 
-    body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
+    body = {"prompt": "x", "max_tokens": 150, "ignore_eos": True}
 
     async def run():
         async with httpx.AsyncClient(base_url=server["url"], timeout=120) as ac:
