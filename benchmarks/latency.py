@@ -175,8 +175,12 @@ def main(argv=None) -> int:
     print(f"loading {target} + {draft} ({a.dtype}, {a.threads} threads), {len(prompts)} prompts x "
           f"{a.max_new_tokens} tokens, K in {ks}", file=sys.stderr)
     llm = LLMModel(target, dtype=a.dtype, pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=max(ks)))
-    hf_target = llm.target.model
-    hf_draft = None if a.no_assisted else llm.draft.model
+    # transformers variants get their own stock copies (the engine re-lays out its weights)
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, a.dtype)
+    hf_target = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).eval()
+    hf_draft = None if a.no_assisted else AutoModelForCausalLM.from_pretrained(draft, dtype=dtype).eval()
     prompt_ids = [llm.encode(p) for p in prompts]
 
     variants = [("HF greedy", 0, lambda ids: run_hf(hf_target, ids, a.max_new_tokens))]
