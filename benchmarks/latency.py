@@ -154,7 +154,12 @@ def main(argv=None) -> int:
     ap.add_argument("--pace", choices=["auto", "off"], default="auto", help="AMD PACE from $PACE_VENV when present")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency"))
     ap.add_argument("--smoke", action="store_true", help="tiny random models, 2 prompts, few tokens (CI)")
+    ap.add_argument("--replot", action="store_true", help="only redraw <out>.md/.png from <out>.json")
     a = ap.parse_args(argv)
+    if a.replot:
+        saved = json.loads(Path(a.out).with_suffix(".json").read_text())
+        write_outputs(Path(a.out), saved["meta"], saved["rows"])
+        return 0
 
     import torch
 
@@ -277,7 +282,8 @@ def write_outputs(out: Path, meta: dict, rows: list[dict]) -> None:
     styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3)), (0, (3, 1, 1, 1))])
     for r in rows:
         if not r["variant"].startswith("pace_core PARD"):
-            ax.axhline(r["tokens_per_s"], linestyle=next(styles, "--"), color="gray" if "HF" in r["variant"] else "C3",
+            color = "C0" if r["variant"].startswith("pace_core") else "gray" if "HF" in r["variant"] else "C3"
+            ax.axhline(r["tokens_per_s"], linestyle=next(styles, "--"), color=color,
                        label=f"{r['variant']} ({r['tokens_per_s']:.0f})")
     ax.set_xlabel("K (speculative tokens per step)")
     ax.set_ylabel("tokens / s (single stream)")
