@@ -14,45 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
+from helpers import two_slot_serve, wait_for  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 APP = "pace-e2e"
 
 
-def _wait_for(pred, timeout, what, interval=0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
 @pytest.fixture
 def serve_two_slots(tmp_path, monkeypatch):
-    import ray
-    from ray import serve
-
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs 2 CPUs")
-    # the raylet inherits these, and every replica process from it
-    monkeypatch.setenv("PACE_TOPOLOGY", "0-0;1-1")
-    monkeypatch.setenv("PACE_SLOT_DIR", str(tmp_path / "slots"))
-    monkeypatch.setenv("PACE_SLOT_WAIT_S", "5")
-    monkeypatch.delenv("PACE_CORES_PER_SLOT", raising=False)
-    monkeypatch.delenv("PACE_PIN", raising=False)
-    from cluster.start_node import node_resources
-
-    ray.init(address="local", num_cpus=2, resources=node_resources(), include_dashboard=False,
-             namespace="pace-e2e-test")
-    serve.start(proxy_location="Disabled")
-    try:
-        yield
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    yield from two_slot_serve(tmp_path, monkeypatch, "pace-e2e-test")
 
 
 def deploy(tiny_pair, **args):
@@ -110,8 +81,8 @@ def generate(handle, n=8):
 
 def test_replicas_pinned_third_pending_killed_slot_reclaimed(serve_two_slots, tiny_pair):
     handle = deploy(tiny_pair, num_replicas=3)
-    _wait_for(lambda: replica_states().get("RUNNING") == 2, 240, "2 running replicas")
-    infos = _wait_for(infos_of(2), 60, "both replicas to answer")
+    wait_for(lambda: replica_states().get("RUNNING") == 2, 240, "2 running replicas")
+    infos = wait_for(infos_of(2), 60, "both replicas to answer")
     assert sorted(i["slot"]["cpus"][0] for i in infos.values()) == [0, 1]
     for info in infos.values():
         check_pinned(info)
@@ -128,7 +99,7 @@ def test_replicas_pinned_third_pending_killed_slot_reclaimed(serve_two_slots, ti
         i = replica_infos()
         return i if len(i) == 2 and victim_pid not in i else None
 
-    new = _wait_for(replaced, 240, "a replacement on the freed slot", interval=1)
+    new = wait_for(replaced, 240, "a replacement on the freed slot", interval=1)
     (new_pid,) = set(new) - set(infos)
     assert new[new_pid]["slot"]["cpus"] == victim["slot"]["cpus"]
     check_pinned(new[new_pid])
@@ -140,7 +111,7 @@ def test_autoscaling_to_slot_bound_and_back(serve_two_slots, tiny_pair):
                    "upscale_delay_s": 0.5, "downscale_delay_s": 2, "metrics_interval_s": 0.5,
                    "look_back_period_s": 1}
     handle = deploy(tiny_pair, autoscaling=autoscaling, max_queued_requests=32)
-    _wait_for(lambda: replica_states().get("RUNNING") == 1, 240, "1 running replica")
+    wait_for(lambda: replica_states().get("RUNNING") == 1, 240, "1 running replica")
     peak = {}
     deadline = time.monotonic() + 240
     with ThreadPoolExecutor(4) as pool:  # sustained load: 4 requests in flight
@@ -150,7 +121,7 @@ def test_autoscaling_to_slot_bound_and_back(serve_two_slots, tiny_pair):
             if peak.get("RUNNING") == 2:
                 break
     assert peak.get("RUNNING") == 2, peak  # the 2 slots bound it; the 3rd would be pending
-    infos = _wait_for(infos_of(2), 60, "both replicas to answer")
+    infos = wait_for(infos_of(2), 60, "both replicas to answer")
     for info in infos.values():
         check_pinned(info)
-    _wait_for(lambda: replica_states() == {"RUNNING": 1}, 180, "scale down to 1 replica")
+    wait_for(lambda: replica_states() == {"RUNNING": 1}, 180, "scale down to 1 replica")

@@ -13,46 +13,16 @@ import time
 import psutil
 import pytest
 
+from helpers import two_slot_serve, wait_for  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 APP = "pinning"
 
 
-def _wait_for(pred, timeout, what, interval=0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
 @pytest.fixture
 def ray_two_slots(tmp_path, monkeypatch):
-    import ray
-    from ray import serve
-
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs 2 CPUs")
-    # inherited by the raylet and so by every replica process
-    monkeypatch.setenv("PACE_TOPOLOGY", "0-0;1-1")
-    monkeypatch.setenv("PACE_SLOT_DIR", str(tmp_path / "slots"))
-    monkeypatch.setenv("PACE_SLOT_WAIT_S", "5")
-    monkeypatch.delenv("PACE_CORES_PER_SLOT", raising=False)
-    monkeypatch.delenv("PACE_PIN", raising=False)
-    from cluster.start_node import node_resources
-
-    ray.init(address="local", num_cpus=2, resources=node_resources(), include_dashboard=False,
-             namespace="pace-pinning-test")
-    assert ray.cluster_resources()["pace_slot"] == 2
-    serve.start(proxy_location="Disabled")
-    try:
-        yield
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    yield from two_slot_serve(tmp_path, monkeypatch, "pace-pinning-test")
 
 
 def make_app(**options):
@@ -108,12 +78,12 @@ def test_two_pinned_replicas_third_pending_killed_slot_reclaimed(ray_two_slots):
     from ray.serve.api import _run
 
     handle = _run(make_app(num_replicas=3), name=APP, route_prefix=None, _blocking=False)
-    _wait_for(lambda: replica_states().get("RUNNING") == 2, 180, "2 running replicas")
+    wait_for(lambda: replica_states().get("RUNNING") == 2, 180, "2 running replicas")
     def both():
         i = replica_infos(handle)
         return i if len(i) == 2 else None
 
-    infos = _wait_for(both, 60, "calls to reach both replicas")
+    infos = wait_for(both, 60, "calls to reach both replicas")
     assert sorted(i["slot"] for i in infos.values()) == [0, 1]
     assert sorted(tuple(i["cpus"]) for i in infos.values()) == [(0,), (1,)]
     for info in infos.values():
@@ -132,12 +102,12 @@ def test_two_pinned_replicas_third_pending_killed_slot_reclaimed(ray_two_slots):
         i = replica_infos(handle, n_calls=4, hold_s=0.3)
         return i if len(i) == 2 and victim_pid not in i else None
 
-    new_infos = _wait_for(replaced, 180, "a replacement replica on the freed slot", interval=1)
+    new_infos = wait_for(replaced, 180, "a replacement replica on the freed slot", interval=1)
     (new_pid,) = set(new_infos) - set(infos)
     assert new_infos[new_pid]["slot"] == victim["slot"]
     assert new_infos[new_pid]["cpus"] == victim["cpus"]
     check_pinned_from_outside(new_infos[new_pid])
-    assert _wait_for(lambda: replica_states().get("RUNNING") == 2, 60, "2 running again")
+    assert wait_for(lambda: replica_states().get("RUNNING") == 2, 60, "2 running again")
     serve.delete(APP)
 
 
@@ -149,7 +119,7 @@ def test_autoscaling_rises_to_the_slot_bound_and_falls_back(ray_two_slots):
                    "look_back_period_s": 1}
     handle = _run(make_app(autoscaling_config=autoscaling), name=APP, route_prefix=None,
                   _blocking=False)
-    _wait_for(lambda: replica_states().get("RUNNING") == 1, 180, "1 running replica")
+    wait_for(lambda: replica_states().get("RUNNING") == 1, 180, "1 running replica")
     stop = time.monotonic() + 240
     peak = {}
     # sustained load: 4 requests in flight, each held 1 s
@@ -164,4 +134,4 @@ def test_autoscaling_rises_to_the_slot_bound_and_falls_back(ray_two_slots):
     infos = replica_infos(handle, n_calls=4, hold_s=0.5)
     assert sorted(i["slot"] for i in infos.values()) == [0, 1]
     # load stops: back to min_replicas, and the freed slot is released
-    _wait_for(lambda: replica_states() == {"RUNNING": 1}, 120, "scale down to 1 replica")
+    wait_for(lambda: replica_states() == {"RUNNING": 1}, 120, "scale down to 1 replica")

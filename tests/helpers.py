@@ -1,0 +1,45 @@
+"""Helpers shared by the slow Ray Serve tests."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+
+def wait_for(pred, timeout, what, interval=0.5):
+    """Poll ``pred`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def two_slot_serve(tmp_path, monkeypatch, namespace: str):
+    """A private Ray node simulating 2 NUMA nodes x 1 core (pace_slot=2) with Serve
+    started and no HTTP proxy; a generator for a fixture to yield from."""
+    import ray
+    from ray import serve
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs")
+    # the raylet inherits these, and every replica process from it
+    monkeypatch.setenv("PACE_TOPOLOGY", "0-0;1-1")
+    monkeypatch.setenv("PACE_SLOT_DIR", str(tmp_path / "slots"))
+    monkeypatch.setenv("PACE_SLOT_WAIT_S", "5")
+    monkeypatch.delenv("PACE_CORES_PER_SLOT", raising=False)
+    monkeypatch.delenv("PACE_PIN", raising=False)
+    from cluster.start_node import node_resources
+
+    ray.init(address="local", num_cpus=2, resources=node_resources(), include_dashboard=False, namespace=namespace)
+    assert ray.cluster_resources()["pace_slot"] == 2
+    serve.start(proxy_location="Disabled")
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
