@@ -41,7 +41,7 @@ async def one_request(client, url, model, prompt, max_tokens, headers) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    arrivals, tokens, usage = [], 0, None
+    arrivals, usage = [], None
     async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
         if resp.status_code != 200:
             await resp.aread()

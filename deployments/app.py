@@ -7,7 +7,6 @@ argument fails at deploy time with a message naming the field.
 """
 import logging
 
-from ray import serve
 from ray.serve import Application
 
 from pace_core.loading import ModelLoadError, resolve_model_path
