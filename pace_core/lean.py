@@ -27,7 +27,8 @@ def supports(model) -> bool:
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", cfg.model_type == "mistral"):
         return False  # sliding-window attention: leave it to transformers
     layers = getattr(getattr(model, "model", None), "layers", None)
-    return layers is not None and hasattr(layers[0], "self_attn") and hasattr(model.model, "rotary_emb")
+    return (layers is not None and hasattr(layers[0], "self_attn") and hasattr(model.model, "rotary_emb")
+            and all(hasattr(layers[0].mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")))
 
 
 def column_major_weights(model) -> None:
@@ -37,6 +38,25 @@ def column_major_weights(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
             module.weight.data = module.weight.data.t().contiguous().t()
+
+
+def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One column-major (out_total, in) weight for several linears that read the same
+    input; each linear's own weight (and bias) becomes a view into it: no extra memory,
+    and transformers' forward still sees the same values."""
+    fused = torch.cat([lin.weight.data for lin in linears], 0).t().contiguous().t()
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        bias = torch.cat([lin.bias.data if lin.bias is not None else torch.zeros(lin.out_features, dtype=fused.dtype)
+                          for lin in linears])
+    offset = 0
+    for lin in linears:
+        n = lin.out_features
+        lin.weight.data = fused[offset : offset + n]
+        if lin.bias is not None:
+            lin.bias.data = bias[offset : offset + n]
+        offset += n
+    return fused, bias
 
 
 class LeanRunner:
@@ -56,6 +76,9 @@ class LeanRunner:
         self.apply_rotary = modeling.apply_rotary_pos_emb
         self.max_len = getattr(cfg, "max_position_embeddings", None) or 1 << 20
         self.dtype = model.model.embed_tokens.weight.dtype
+        # q/k/v and gate/up as single GEMMs (views: no extra memory), the rest column-major
+        self.qkv = [_fuse([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
+        self.gate_up = [_fuse([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
         column_major_weights(model)
         self.capacity = 0
         self.k_cache: list[torch.Tensor] = []
@@ -101,9 +124,10 @@ class LeanRunner:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(1, n, H, D)
-            k = attn.k_proj(x).view(1, n, KV, D)
-            v = attn.v_proj(x).view(1, n, KV, D).transpose(1, 2)
+            q, k, v = F.linear(x, *self.qkv[i]).split([H * D, KV * D, KV * D], dim=-1)
+            q = q.view(1, n, H, D)
+            k = k.view(1, n, KV, D)
+            v = v.view(1, n, KV, D).transpose(1, 2)
             if hasattr(attn, "q_norm"):  # Qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = self.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -114,7 +138,8 @@ class LeanRunner:
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
                                                enable_gqa=H != KV)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, H * D))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            gate, up = F.linear(layer.post_attention_layernorm(h), *self.gate_up[i]).chunk(2, dim=-1)
+            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         h = self.model.model.norm(h[:, -num_logits:])
         self.seq_len = end
         return self.model.lm_head(h)[0, :, : self.vocab_limit].float()
