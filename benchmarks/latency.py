@@ -248,6 +248,24 @@ def _cpu_name() -> str:
     return "unknown"
 
 
+def save_table(out: Path, table: str) -> None:
+    out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return None
+    return plt
+
+
 def fmt(x, spec=".1f"):
     return "-" if x is None else format(x, spec)
 
@@ -265,16 +283,9 @@ def write_outputs(out: Path, meta: dict, rows: list[dict]) -> None:
         lines.append(f"| {r['variant']} | {fmt(r['tokens_per_s'])} | {fmt(r['speedup_vs_hf_greedy'], '.2f')}x | "
                      f"{fmt(r['ttft_ms_median'])} | {fmt(r['itl_ms_median'], '.2f')} | {fmt(r['itl_ms_p90'], '.2f')} | "
                      f"{fmt(r['mean_accepted'], '.2f')} | {fmt(100 * r['token_match_vs_hf_greedy'] if r['token_match_vs_hf_greedy'] is not None else None)}% |")
-    table = "\n".join(lines) + "\n"
-    out.with_suffix(".md").write_text(table)
-    print(table)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    save_table(out, "\n".join(lines) + "\n")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.2))
     pard = [r for r in rows if r["variant"].startswith("pace_core PARD")]

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from latency import fmt, load_prompts, pct  # noqa: E402
+from latency import fmt, load_prompts, pct, pyplot, save_table  # noqa: E402
 
 
 def check_loopback(url: str, allow_remote: bool) -> None:
@@ -235,15 +235,9 @@ def write_outputs(out: Path, rows, in_proc, args) -> None:
         for r in c1:
             lines.append(f"HTTP + Serve ({r['replicas'] or '?'} replicas), concurrency 1: TPOT p50 "
                          f"{r['tpot_ms_p50']:.2f} ms ({100 * (r['tpot_ms_p50'] / in_proc['tpot_ms_p50'] - 1):+.1f}% vs in-process).")
-    table = "\n".join(lines) + "\n"
-    out.with_suffix(".md").write_text(table)
-    print(table)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    save_table(out, "\n".join(lines) + "\n")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for replicas in sorted({r["replicas"] or 0 for r in rows}):
