@@ -215,25 +215,10 @@ class Router:
             if body.stream:
                 if len(prompts) != 1:
                     raise APIError(400, "streaming takes one prompt per request", "prompt")
-                first, gen, t0 = await self._open_stream({"prompt": prompts[0], **common})
-                usage = bool(body.stream_options and body.stream_options.include_usage)
-                return StreamingResponse(self._completion_sse(rid, model, first, gen, t0, usage),
-                                         media_type="text/event-stream")
+                return await self._stream_response("completion", rid, {"prompt": prompts[0], **common}, body)
             outs = await asyncio.gather(*(self._generate({"prompt": p, **common}) for p in prompts))
             return JSONResponse(completion_body(rid, model, outs))
         return await self._route("/v1/completions", request, fn)
-
-    async def _completion_sse(self, rid, model, first, gen, t0, include_usage):
-        created, n, prompt_tokens, finish = int(time.time()), 0, first["num_prompt_tokens"], None
-        async for chunk in self._chunks(first, gen, t0):
-            n += len(chunk["token_ids"])
-            finish = chunk["finish_reason"]
-            if chunk["text"]:
-                yield _sse(completion_chunk(rid, model, created, chunk["text"], None))
-        yield _sse(completion_chunk(rid, model, created, "", finish))
-        if include_usage:
-            yield _sse(usage_chunk(rid, model, created, "text_completion", prompt_tokens, n))
-        yield "data: [DONE]\n\n"
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -244,24 +229,38 @@ class Router:
             req = {"messages": body.plain_messages(), **self._sampling(body)}
             rid, model = new_id("chatcmpl"), self.model_name
             if body.stream:
-                first, gen, t0 = await self._open_stream(req)
-                usage = bool(body.stream_options and body.stream_options.include_usage)
-                return StreamingResponse(self._chat_sse(rid, model, first, gen, t0, usage),
-                                         media_type="text/event-stream")
+                return await self._stream_response("chat", rid, req, body)
             return JSONResponse(chat_body(rid, model, await self._generate(req)))
         return await self._route("/v1/chat/completions", request, fn)
 
-    async def _chat_sse(self, rid, model, first, gen, t0, include_usage):
-        created, n, prompt_tokens, finish = int(time.time()), 0, first["num_prompt_tokens"], None
-        yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
+    async def _stream_response(self, kind: str, rid: str, request: dict, body) -> StreamingResponse:
+        """Open the generation (user errors raise here, as a 400) and stream it as SSE."""
+        first, gen, t0 = await self._open_stream(request)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(self._sse_events(kind, rid, first, gen, t0, usage), media_type="text/event-stream")
+
+    async def _sse_events(self, kind: str, rid: str, first, gen, t0, include_usage: bool):
+        """OpenAI's chunk format for ``kind`` "completion" or "chat": text chunks, a final
+        chunk with the finish reason, optionally a usage chunk, then [DONE]."""
+        model, created, n, finish = self.model_name, int(time.time()), 0, None
+        chat = kind == "chat"
+
+        def piece(text: str, finish_reason):
+            if chat:
+                return _sse(chat_chunk(rid, model, created, {"content": text} if text else {}, finish_reason))
+            return _sse(completion_chunk(rid, model, created, text, finish_reason))
+
+        if chat:
+            yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
         async for chunk in self._chunks(first, gen, t0):
             n += len(chunk["token_ids"])
             finish = chunk["finish_reason"]
             if chunk["text"]:
-                yield _sse(chat_chunk(rid, model, created, {"content": chunk["text"]}, None))
-        yield _sse(chat_chunk(rid, model, created, {}, finish))
+                yield piece(chunk["text"], None)
+        yield piece("", finish)
         if include_usage:
-            yield _sse(usage_chunk(rid, model, created, "chat.completion.chunk", prompt_tokens, n))
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            yield _sse(usage_chunk(rid, model, created, obj, first["num_prompt_tokens"], n))
         yield "data: [DONE]\n\n"
 
     # ------------------------------------------------------------------ Python handle methods

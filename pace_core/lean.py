@@ -87,7 +87,7 @@ class LeanRunner:
         self.seq_len = 0
 
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self.capacity)
+        capacity = max(needed, min(2 * self.capacity, self.max_len))
         shape = (self.num_kv_heads, capacity, self.head_dim)
         for i in range(len(self.layers)):
             k, v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
