@@ -36,9 +36,10 @@ class AppArgs(BaseModel):
 
     target: str = "models/demo-target"
     draft: str | None = "models/demo-draft"  # None: plain decoding
-    num_speculative_tokens: int = 8
+    num_speculative_tokens: int = 8  # the cap when speculation_schedule is adaptive
+    speculation_schedule: Literal["adaptive", "fixed"] = "adaptive"
     pard_token: int | None = None
-    dtype: Literal["bfloat16", "float32", "float16"] = "float32"
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"  # auto: as stored in the checkpoint
     tokenizer: str | None = None
     served_model_name: str = "pace-demo"
     num_replicas: int = Field(2, ge=1)

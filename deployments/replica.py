@@ -27,7 +27,8 @@ class LLMReplica:
         pard = None
         if args.get("draft"):
             pard = PardSpecDecodeConfig(model_name_or_path=args["draft"], pard_token=args.get("pard_token"),
-                                        num_speculative_tokens=args["num_speculative_tokens"])
+                                        num_speculative_tokens=args["num_speculative_tokens"],
+                                        speculation_schedule=args.get("speculation_schedule", "adaptive"))
         self.model = LLMModel(args["target"], dtype=args["dtype"], pard_config=pard,
                               tokenizer_name_or_path=args.get("tokenizer"),
                               trust_remote_code=args.get("trust_remote_code", False))
@@ -103,7 +104,8 @@ class LLMReplica:
             "target": self.model.config.model_name_or_path,
             "draft": self.model.config.pard_config.model_name_or_path if self.model.draft else None,
             "num_speculative_tokens": self.model.num_speculative_tokens,
-            "dtype": self.model.config.dtype,
+            "speculation_schedule": self.model.speculation_schedule if self.model.draft else None,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
             "max_context": self.model.max_context,
             "slot": self.slot.to_dict() if self.slot else None,
             "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

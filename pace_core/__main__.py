@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--draft", default=DEMO_DRAFT, help="PARD draft directory or hub name; 'none' for plain decoding")
     g.add_argument("--tokenizer", default=None, help="tokenizer (default: the target's)")
     g.add_argument("-k", "--num-speculative-tokens", type=int, default=8, help="tokens the draft proposes per step (1..32)")
+    g.add_argument("--speculation-schedule", default="adaptive", choices=["adaptive", "fixed"],
+                   help="adaptive: K is a cap, each step follows the recent acceptance; fixed: always K")
     g.add_argument("--pard-token", type=int, default=None, help="override the draft config's PARD token id")
     g.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
@@ -31,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="weights' dtype (default: as stored in the checkpoint)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     g.add_argument("--stream", action="store_true", help="print text as it is accepted")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text + stats")
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         pard = None
         if args.draft and args.draft.lower() != "none":
             pard = PardSpecDecodeConfig(model_name_or_path=args.draft, pard_token=args.pard_token,
-                                        num_speculative_tokens=args.num_speculative_tokens)
+                                        num_speculative_tokens=args.num_speculative_tokens,
+                                        speculation_schedule=args.speculation_schedule)
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   stop=args.stop, ignore_eos=args.ignore_eos)
         t0 = time.perf_counter()
@@ -76,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.stream:
         print("".join(text), end="")
     k = model.num_speculative_tokens
+    spec = f"PARD K={k} ({model.speculation_schedule})" if k else "no draft"
+    dtype = str(model.dtype).removeprefix("torch.")
     print(f"\n\n--- {len(ids)} tokens in {stats.total_time_s:.3f}s ({stats.tokens_per_s:.1f} tok/s), "
-          f"finish_reason={chunk.finish_reason}, {'PARD K=%d' % k if k else 'no draft'}, dtype={args.dtype}\n"
+          f"finish_reason={chunk.finish_reason}, {spec}, dtype={dtype}\n"
           f"    steps={stats.steps}  mean accepted/step={stats.mean_accepted_length:.2f}  "
           f"ttft={stats.time_to_first_token_s * 1000:.1f}ms  draft={stats.draft_time_s:.3f}s  "
           f"target={stats.target_time_s:.3f}s  load={load_s:.1f}s", file=sys.stderr)

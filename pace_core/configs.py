@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SPECULATIVE_TOKENS = 32
-DTYPES = ("bfloat16", "float32", "float16")
+DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: the checkpoint's own dtype
 
 
 class PardSpecDecodeConfig(BaseModel):
@@ -18,6 +18,12 @@ class PardSpecDecodeConfig(BaseModel):
 
     ``pard_token`` is the draft's mask id. ``None`` reads it from the draft's
     config.json (``pard_token``, else ``mask_token_id``, else ``ptd_token_id``).
+
+    ``speculation_schedule``: ``"adaptive"`` (default) treats ``num_speculative_tokens``
+    as a cap and follows the draft's recent acceptance (twice as many after a fully
+    accepted step, else two more than were accepted); ``"fixed"`` proposes exactly K
+    every step. The output is the same either way; adaptive wastes fewer verify
+    positions.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=())
@@ -25,6 +31,7 @@ class PardSpecDecodeConfig(BaseModel):
     model_name_or_path: str
     pard_token: int | None = None
     num_speculative_tokens: int = 12
+    speculation_schedule: Literal["adaptive", "fixed"] = "adaptive"
 
     @field_validator("model_name_or_path")
     @classmethod
@@ -129,7 +136,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model_name_or_path: str
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"  # auto: as stored in the checkpoint
     tokenizer_name_or_path: str | None = None
     pard_config: PardSpecDecodeConfig | None = None
     trust_remote_code: bool = False

@@ -10,6 +10,11 @@ Each step:
      token when all K were kept);
   4. the target's cache is trimmed to the accepted length.
 So every step emits 1..K+1 tokens, exactly the target's own greedy output.
+
+With ``adaptive=True`` K is a cap: after a step that kept every proposal the next
+step proposes twice as many (up to K), otherwise two more than were kept. Verify
+positions the draft was unlikely to get right are not paid for, and the output is
+unchanged (the draft is causal: its first j proposals do not depend on K).
 """
 from __future__ import annotations
 
@@ -43,6 +48,12 @@ def propose(draft: CausalLMRunner, unseen: list[int], k: int, pard_token: int) -
     return greedy(logits)
 
 
+def next_k(k_max: int, proposed: int, kept: int) -> int:
+    """Adaptive K: double it after a step that kept every proposal, else propose two
+    more than were kept; always within 1..k_max."""
+    return max(1, min(k_max, 2 * proposed if kept == proposed else kept + 2))
+
+
 def decode(
     target: CausalLMRunner,
     prompt_ids: list[int],
@@ -51,6 +62,7 @@ def decode(
     k: int = 0,
     pard_token: int | None = None,
     choose: Chooser = greedy,
+    adaptive: bool = False,
 ) -> Iterator[Step]:
     """Yield the tokens accepted at each step until ``max_new_tokens`` are produced.
     The caller stops early (EOS, stop strings) simply by not asking for more."""
@@ -58,10 +70,10 @@ def decode(
     if draft is not None:
         draft.reset()
     target_unseen, draft_unseen = list(prompt_ids), list(prompt_ids)
-    produced = 0
+    produced, k_next = 0, k
     while produced < max_new_tokens:
         # never propose beyond the last token we may emit
-        k_step = min(k, max_new_tokens - produced - 1) if draft is not None else 0
+        k_step = min(k_next, max_new_tokens - produced - 1) if draft is not None else 0
         t0 = t1 = time.perf_counter()
         proposal = []
         if k_step:
@@ -74,6 +86,8 @@ def decode(
         accepted = proposal[:n] + [choices[n]]
         target.crop(k_step - n)  # drop the rejected proposals
         t2 = time.perf_counter()
+        if adaptive:
+            k_next = next_k(k, k_step, n)
         target_unseen = accepted[-1:]
         draft_unseen += accepted
         produced += len(accepted)

@@ -98,7 +98,7 @@ class LLMModel:
     def __init__(
         self,
         model_name_or_path: str,
-        dtype: str | torch.dtype = "bfloat16",
+        dtype: str | torch.dtype = "auto",
         pard_config: PardSpecDecodeConfig | None = None,
         tokenizer_name_or_path: str | None = None,
         trust_remote_code: bool = False,
@@ -131,10 +131,12 @@ class LLMModel:
         self.draft = None  # a runner like self.target, when a PARD draft is configured
         self.draft_context: int | None = None
         self.pard_token: int | None = None
-        self.num_speculative_tokens = 0  # K; 0 = plain decoding
+        self.num_speculative_tokens = 0  # K (the cap, when adaptive); 0 = plain decoding
+        self.speculation_schedule = "fixed"  # or "adaptive"; both settable between requests
         if cfg.pard_config is not None:
             self._load_draft(cfg.pard_config)
             self.num_speculative_tokens = cfg.pard_config.num_speculative_tokens
+            self.speculation_schedule = cfg.pard_config.speculation_schedule
         self._lock = threading.Lock()
         logger.info("loaded %s%s in %.1fs", cfg.model_name_or_path,
                     f" + PARD draft {cfg.pard_config.model_name_or_path}" if self.draft else "", time.perf_counter() - t0)
@@ -160,6 +162,11 @@ class LLMModel:
         self.draft_context = context_length(draft.config)
 
     # ---------------------------------------------------------------- helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        """The target's weights' dtype (``dtype="auto"`` resolved)."""
+        return self.target.model.dtype
+
     def get_tokenizer(self):
         return self.tokenizer
 
@@ -224,7 +231,8 @@ class LLMModel:
         with self._lock:
             t0 = time.perf_counter()
             steps = decode(self.target, prompt_ids, sampling.max_new_tokens, self.draft,
-                           self.num_speculative_tokens, self.pard_token, self._chooser(sampling))
+                           self.num_speculative_tokens, self.pard_token, self._chooser(sampling),
+                           adaptive=self.speculation_schedule == "adaptive")
             try:
                 for step in steps:
                     delta = out.add(step.tokens)

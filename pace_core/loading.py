@@ -13,7 +13,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 PARD_TOKEN_KEYS = ("pard_token", "mask_token_id", "ptd_token_id")
 
 
@@ -75,7 +75,7 @@ def load_config(name: str, trust_remote_code: bool = False):
     return _from_pretrained(AutoConfig.from_pretrained, name, "model", trust_remote_code=trust_remote_code)
 
 
-def load_causal_lm(name: str, dtype: str = "bfloat16", trust_remote_code: bool = False):
+def load_causal_lm(name: str, dtype: str = "auto", trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:

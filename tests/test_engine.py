@@ -299,3 +299,50 @@ def test_stats_are_consistent(pard_models):
     assert s.draft_time_s > 0 and s.target_time_s > 0
     assert 0 < s.time_to_first_token_s <= s.total_time_s
     assert s.to_dict()["mean_accepted_length"] == pytest.approx(20 / s.steps)
+
+
+# --------------------------------------------------------------------------- adaptive K
+def test_next_k_rule():
+    from pace_core.decoder import next_k
+
+    assert next_k(8, 8, 8) == 8  # all kept: stay at the cap
+    assert next_k(8, 2, 2) == 4  # all kept: double
+    assert next_k(8, 3, 3) == 6
+    assert next_k(8, 8, 0) == 2  # none kept: two more than kept
+    assert next_k(8, 8, 3) == 5
+    assert next_k(1, 1, 0) == 1  # never above the cap
+    assert next_k(8, 0, 0) == 1  # never below one
+
+
+def test_adaptive_k_follows_acceptance(plain_model):
+    """With a test double draft: K drops after rejections, doubles back after full
+    acceptance, never exceeds the cap, and the output is still the target's greedy."""
+    from pace_core.decoder import decode
+
+    ids = plain_model.encode(PROMPTS[2])
+    n = 40
+    # wrong at the 2nd proposal of the first call, then always right
+    model = with_double(plain_model, ids, 8, n, wrong=lambda call, i: call == 0 and i == 1)
+    steps = list(decode(model.target, ids, n, model.draft, 8, 1, adaptive=True))
+    proposed = [s.num_proposed for s in steps]
+    assert proposed[:4] == [8, 3, 6, 8]  # kept 1 -> 1+2; kept all 3 -> 6; kept all 6 -> 8 (cap)
+    assert max(proposed) == 8
+    assert [t for s in steps for t in s.tokens] == full_forward_greedy(model.target.model, ids, n)[len(ids):]
+
+    model = with_double(plain_model, ids, 6, 20, wrong=lambda call, i: True)
+    proposed = [s.num_proposed for s in decode(model.target, ids, 20, model.draft, 6, 1, adaptive=True)]
+    assert proposed[0] == 6 and set(proposed[1:-2]) == {2}  # the last two are cut by max_new_tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_adaptive_and_fixed_schedules_give_the_same_tokens(pard_models, arch):
+    model = pard_models[arch, "lean"]
+    model.num_speculative_tokens = 12
+    for prompt in PROMPTS:
+        ids = model.encode(prompt)
+        outs = {}
+        for schedule in ("adaptive", "fixed"):
+            model.speculation_schedule = schedule
+            outs[schedule] = model.generate(ids, SamplingConfig(max_new_tokens=40))
+        assert outs["adaptive"].token_ids == outs["fixed"].token_ids == hf_greedy(model, ids, 40)
+    model.speculation_schedule = "adaptive"
