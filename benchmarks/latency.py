@@ -1,5 +1,6 @@
 """Single-stream latency: HF greedy, HF assisted generation, this engine without a
-draft (K=0) and with PARD for a K sweep, and AMD PACE 1.3.0 (with and without PARD)
+draft (K=0) and with PARD for a K sweep (fixed K and the adaptive schedule with K as
+its cap), and AMD PACE 1.3.0 (without a draft, and with PARD for the same K sweep)
 when its venv exists. Greedy, same prompts, warm-up excluded, variants interleaved per
 prompt and round so machine drift hits all alike. Every variant's tokens are checked
 against HF greedy.
@@ -85,10 +86,10 @@ def run_hf(model, prompt_ids, n, assistant=None, tokenizer=None) -> tuple[list[i
     return ids, latency_record(tl.chunks, dt, len(ids), None)
 
 
-def run_engine(llm, k, prompt_ids, n) -> tuple[list[int], dict]:
+def run_engine(llm, k, prompt_ids, n, schedule="fixed") -> tuple[list[int], dict]:
     from pace_core import SamplingConfig
 
-    llm.num_speculative_tokens = k
+    llm.num_speculative_tokens, llm.speculation_schedule = k, schedule
     t0 = time.perf_counter()
     chunks, ids, stats = [], [], None
     for c in llm.stream(prompt_ids, SamplingConfig(max_new_tokens=n, return_text=False)):
@@ -120,7 +121,7 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-def summarize(name, k, records, reference, outputs) -> dict:
+def summarize(name, k, records, reference, outputs, family=None) -> dict:
     tokens = sum(r["tokens"] for r in records)
     seconds = sum(r["seconds"] for r in records)
     itl = [x for r in records for x in r["itl"]]
@@ -128,7 +129,7 @@ def summarize(name, k, records, reference, outputs) -> dict:
     same = sum(a == b for out, ref in zip(outputs, reference) for a, b in zip(out, ref))
     total = sum(len(ref) for ref in reference)
     return {
-        "variant": name, "k": k, "tokens": tokens, "seconds": seconds,
+        "variant": name, "k": k, "family": family, "tokens": tokens, "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else 0.0,
         "ttft_ms_median": 1000 * statistics.median(r["ttft"] for r in records) if records and "ttft" in records[0] else None,
         "itl_ms_median": 1000 * statistics.median(itl) if itl else None,
@@ -152,6 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds over all prompts (after one warm-up)")
     ap.add_argument("--no-assisted", action="store_true", help="skip HF assisted generation")
     ap.add_argument("--pace", choices=["auto", "off"], default="auto", help="AMD PACE from $PACE_VENV when present")
+    ap.add_argument("--pace-ks", default=None, help="K values for AMD PACE's PARD (default: --ks)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency"))
     ap.add_argument("--smoke", action="store_true", help="tiny random models, 2 prompts, few tokens (CI)")
     ap.add_argument("--replot", action="store_true", help="only redraw <out>.md/.png from <out>.json")
@@ -192,8 +194,12 @@ def main(argv=None) -> int:
     if hf_draft is not None:
         variants.append(("HF assisted", 0, lambda ids: run_hf(hf_target, ids, a.max_new_tokens, hf_draft, llm.tokenizer)))
     variants.append(("pace_core K=0", 0, lambda ids: run_engine(llm, 0, ids, a.max_new_tokens)))
-    for k in ks:
-        variants.append((f"pace_core PARD K={k}", k, lambda ids, k=k: run_engine(llm, k, ids, a.max_new_tokens)))
+    family = {}
+    for schedule in ("fixed", "adaptive"):
+        for k in ks:
+            name = f"pace_core PARD K={k}" if schedule == "fixed" else f"pace_core PARD adaptive K<={k}"
+            family[name] = f"pace_core PARD {schedule}"
+            variants.append((name, k, lambda ids, k=k, s=schedule: run_engine(llm, k, ids, a.max_new_tokens, s)))
 
     records = {name: [] for name, _, _ in variants}
     outputs = {name: [] for name, _, _ in variants}
@@ -209,13 +215,15 @@ def main(argv=None) -> int:
                     outputs[name].append(out)
             print(f"  round {rnd + 1}/{a.rounds} prompt {i + 1}/{len(prompt_ids)}", file=sys.stderr)
     reference = outputs["HF greedy"]
-    rows = [summarize(name, k, records[name], reference, outputs[name]) for name, k, _ in variants]
+    rows = [summarize(name, k, records[name], reference, outputs[name], family.get(name)) for name, k, _ in variants]
 
     if a.pace == "auto":
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
             f.write("\n\n".join(p.rstrip("\n") for p in prompts))
-        best_k = max((r for r in rows if r["k"]), key=lambda r: r["tokens_per_s"])["k"]
-        for label, d, k in (("AMD PACE 1.3.0 no draft", None, 0), (f"AMD PACE 1.3.0 PARD K={best_k}", draft, best_k)):
+        pace_ks = [int(k) for k in (a.pace_ks or a.ks).split(",") if k]
+        runs = [("AMD PACE 1.3.0 no draft", None, 0)] + [(f"AMD PACE 1.3.0 PARD K={k}", draft, k) for k in pace_ks]
+        for n, (label, d, k) in enumerate(runs):
+            print(f"  AMD PACE {n + 1}/{len(runs)}: {label}", file=sys.stderr)
             res = run_pace(target, d, k, f.name, a.max_new_tokens, a.dtype, a.threads)
             if res is None:
                 print(f"  {label}: skipped (no PACE venv at {PACE_VENV}; build it with ../shared/anchors/setup_pace.sh)",
@@ -224,7 +232,7 @@ def main(argv=None) -> int:
             pace_out = [r["new_token_ids"] for r in res["results"]]
             recs = [{"seconds": r["seconds"], "tokens": len(r["new_token_ids"]), "itl": [],
                      "accepted": res.get("mean_accepted_tokens_incl_bonus")} for r in res["results"]]
-            row = summarize(label, k, recs, reference, pace_out)
+            row = summarize(label, k, recs, reference, pace_out, "AMD PACE PARD" if d else None)
             row["ttft_ms_median"] = None
             rows.append(row)
 
@@ -270,6 +278,35 @@ def fmt(x, spec=".1f"):
     return "-" if x is None else format(x, spec)
 
 
+def _family(row: dict) -> str | None:
+    """The K-sweep a row belongs to (None: a single baseline); older result files have no
+    'family' field and only fixed-K pace_core sweeps."""
+    if "family" in row:
+        return row["family"]
+    return "pace_core PARD fixed" if row["variant"].startswith("pace_core PARD") else None
+
+
+def target_ratios(rows: list[dict]) -> list[str]:
+    """The issue's targets as ratios: pace_core's best PARD row vs HF greedy, HF assisted
+    and AMD PACE's best PARD row, all from this run."""
+    def best(pred):
+        rs = [r for r in rows if pred(r)]
+        return max(rs, key=lambda r: r["tokens_per_s"]) if rs else None
+
+    ours = best(lambda r: (_family(r) or "").startswith("pace_core PARD"))
+    if ours is None:
+        return []
+    out = [f"Best pace_core: **{ours['variant']}** at {ours['tokens_per_s']:.1f} tokens/s:"]
+    for label, peer, goal in (("HF greedy", best(lambda r: r["variant"] == "HF greedy"), 3.0),
+                              ("HF assisted", best(lambda r: r["variant"] == "HF assisted"), 2.0),
+                              ("AMD PACE PARD at its best K", best(lambda r: _family(r) == "AMD PACE PARD"), 1.5)):
+        if peer and peer["tokens_per_s"]:
+            ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
+            out.append(f"- {ratio:.2f}x {label} ({peer['variant']}, {peer['tokens_per_s']:.1f}); "
+                       f"target {goal}x: {'met' if ratio >= goal else 'missed'}")
+    return out
+
+
 def write_outputs(out: Path, meta: dict, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -283,16 +320,23 @@ def write_outputs(out: Path, meta: dict, rows: list[dict]) -> None:
         lines.append(f"| {r['variant']} | {fmt(r['tokens_per_s'])} | {fmt(r['speedup_vs_hf_greedy'], '.2f')}x | "
                      f"{fmt(r['ttft_ms_median'])} | {fmt(r['itl_ms_median'], '.2f')} | {fmt(r['itl_ms_p90'], '.2f')} | "
                      f"{fmt(r['mean_accepted'], '.2f')} | {fmt(100 * r['token_match_vs_hf_greedy'] if r['token_match_vs_hf_greedy'] is not None else None)}% |")
+    lines += ["", *target_ratios(rows)]
     save_table(out, "\n".join(lines) + "\n")
     plt = pyplot()
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    pard = [r for r in rows if r["variant"].startswith("pace_core PARD")]
-    ax.plot([r["k"] for r in pard], [r["tokens_per_s"] for r in pard], "o-", label="pace_core PARD", color="C0")
+    families = {}
+    for r in rows:
+        if _family(r):
+            families.setdefault(_family(r), []).append(r)
+    looks = {"pace_core PARD adaptive": ("o-", "C0"), "pace_core PARD fixed": ("s--", "C9"), "AMD PACE PARD": ("^-", "C3")}
+    for fam, rs in families.items():
+        marker, color = looks.get(fam, ("x-", None))
+        ax.plot([r["k"] for r in rs], [r["tokens_per_s"] for r in rs], marker, label=fam, color=color)
     styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3)), (0, (3, 1, 1, 1))])
     for r in rows:
-        if not r["variant"].startswith("pace_core PARD"):
+        if not _family(r):
             color = "C0" if r["variant"].startswith("pace_core") else "gray" if "HF" in r["variant"] else "C3"
             ax.axhline(r["tokens_per_s"], linestyle=next(styles, "--"), color=color,
                        label=f"{r['variant']} ({r['tokens_per_s']:.0f})")

@@ -63,7 +63,7 @@ async def one_request(client, url, model, prompt, max_tokens, headers) -> dict:
             "tokens": n, "tpot": per_token, "gaps": gaps}
 
 
-async def closed_loop(url, model, prompts, concurrency, num_requests, max_tokens, headers) -> dict:
+async def closed_loop(url, model, prompts, concurrency, num_requests, max_tokens, headers, raw=False):
     import httpx
 
     queue = list(range(num_requests))
@@ -77,6 +77,8 @@ async def closed_loop(url, model, prompts, concurrency, num_requests, max_tokens
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         wall = time.perf_counter() - t0
+    if raw:
+        return results
     ok = [r for r in results if r["ok"]]
     tpot = [r["tpot"] for r in ok if r["tpot"] is not None]
     return {
@@ -136,27 +138,58 @@ def stop(proc) -> None:
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
 
 
-def in_process_tpot(args, prompts) -> dict:
-    """The same requests through LLMModel in this process, concurrency 1."""
+def replica_cpus(app_args: dict) -> list[int] | None:
+    """The CPUs of the slot a running replica holds on this host (None: none held)."""
+    from pace_core.numa import slot_status
+
+    held = [s for s in slot_status(cores_per_slot=app_args.get("cores_per_slot")) if not s["free"]]
+    return held[0]["cpus"] if len(held) == 1 else None
+
+
+def http_vs_in_process(args, url, model, prompts, headers, pairs: int) -> dict:
+    """Overhead of HTTP + Serve over the engine itself, at concurrency 1: the same
+    engine in this process, pinned to the CPU(s) of the (single, idle meanwhile)
+    replica, alternating request by request with HTTP requests for the same prompts,
+    so machine drift hits both alike. Reports medians and the median paired ratio."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pace_core import LLMModel, PardSpecDecodeConfig, SamplingConfig
 
     a = args.app_args
-    pard = (PardSpecDecodeConfig(model_name_or_path=a["draft"], num_speculative_tokens=a.get("num_speculative_tokens", 8))
+    pard = (PardSpecDecodeConfig(model_name_or_path=a["draft"], num_speculative_tokens=a.get("num_speculative_tokens", 8),
+                                 speculation_schedule=a.get("speculation_schedule", "adaptive"))
             if a.get("draft") else None)
-    llm = LLMModel(a["target"], dtype=a.get("dtype", "float32"), pard_config=pard, num_threads=a.get("cores_per_slot") or 1)
-    tpot, ttft = [], []
-    for i in range(args.requests + 1):
+    cpus = replica_cpus(a)
+    pool = ThreadPoolExecutor(1, initializer=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    llm = pool.submit(LLMModel, a["target"], dtype=a.get("dtype", "auto"), pard_config=pard,
+                      num_threads=len(cpus) if cpus else 1).result()
+
+    def engine(prompt: str) -> dict:
         t0 = time.perf_counter()
         first, n = None, 0
-        for c in llm.stream(prompts[i % len(prompts)], SamplingConfig(max_new_tokens=args.max_tokens)):
+        for c in llm.stream(prompt, SamplingConfig(max_new_tokens=args.max_tokens)):
             if c.text and first is None:
                 first = time.perf_counter() - t0
             n += len(c.token_ids)
-        if i:  # the first one is warm-up
-            total = time.perf_counter() - t0
-            ttft.append(first or total)
-            tpot.append((total - (first or total)) / max(n - 1, 1))
-    return {"ttft_ms_p50": 1000 * statistics.median(ttft), "tpot_ms_p50": 1000 * statistics.median(tpot)}
+        total = time.perf_counter() - t0
+        first = first or total
+        return {"ttft": first, "tpot": (total - first) / max(n - 1, 1)}
+
+    http, local = [], []
+    for i in range(pairs + 1):
+        prompt = prompts[i % len(prompts)]
+        h = asyncio.run(closed_loop(url, model, [prompt], 1, 1, args.max_tokens, headers, raw=True))[0]
+        e = pool.submit(engine, prompt).result()
+        if i and h["ok"]:  # the first pair is warm-up
+            http.append(h)
+            local.append(e)
+    pool.shutdown()
+    med = lambda xs: 1000 * statistics.median(xs)  # noqa: E731
+    return {"pairs": len(http), "pinned_cpus": cpus,
+            "in_process_ttft_ms_p50": med([e["ttft"] for e in local]), "in_process_tpot_ms_p50": med([e["tpot"] for e in local]),
+            "http_ttft_ms_p50": med([h["ttft"] for h in http]), "http_tpot_ms_p50": med([h["tpot"] for h in http]),
+            "tpot_ratio_p50": statistics.median(h["tpot"] / e["tpot"] for h, e in zip(http, local)),
+            "ttft_added_ms_p50": med([h["ttft"] - e["ttft"] for h, e in zip(http, local)])}
 
 
 def main(argv=None) -> int:
@@ -170,7 +203,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=Path, default=ROOT / "benchmarks" / "prompts" / "heldout.txt")
     ap.add_argument("--launch-replicas", default=None, help="e.g. 1,2: run `serve run` on serve_config.yaml per count")
     ap.add_argument("--config", type=Path, default=ROOT / "serve_config.yaml")
-    ap.add_argument("--in-process", action="store_true", help="also measure the engine in-process (concurrency 1)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="also measure HTTP + Serve against the engine in-process, interleaved, at concurrency 1 "
+                         "(with the first server, ideally 1 replica)")
+    ap.add_argument("--pairs", type=int, default=24, help="interleaved HTTP / in-process request pairs")
     ap.add_argument("--allow-remote", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving"))
     ap.add_argument("--smoke", action="store_true", help="tiny models, 1 replica, few requests (CI)")
@@ -185,13 +221,13 @@ def main(argv=None) -> int:
         target, draft = build_pair(tempfile.mkdtemp(prefix="pace-smoke-"), "qwen2")
         config["applications"][0]["args"].update(target=target, draft=draft, num_speculative_tokens=3, dtype="float32")
         args.launch_replicas, args.concurrency, args.requests, args.max_tokens = "1", "1,2", 4, 8
-        args.in_process, args.prompts = True, None
+        args.in_process, args.prompts, args.pairs = True, None, 3
         args.url = "http://127.0.0.1:8765"
     args.app_args = config["applications"][0].get("args", {})
     prompts = load_prompts(args.prompts, 32)
     levels = [int(c) for c in args.concurrency.split(",")]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    rows = []
+    rows, in_proc = [], None
     for replicas in ([int(r) for r in args.launch_replicas.split(",")] if args.launch_replicas else [None]):
         proc = None
         if replicas is not None:
@@ -208,10 +244,14 @@ def main(argv=None) -> int:
                 print(f"  replicas={replicas} concurrency={c}: {row['throughput_tok_s']:.1f} tok/s, "
                       f"TTFT p50 {row['ttft_ms_p50']:.1f} ms, TPOT p50 {row['tpot_ms_p50']:.2f} ms, "
                       f"errors {row['errors']}", file=sys.stderr)
+            if args.in_process and in_proc is None:
+                in_proc = http_vs_in_process(args, args.url, model, prompts, headers, args.pairs)
+                in_proc["replicas"] = replicas
+                print(f"  HTTP vs in-process: TPOT x{in_proc['tpot_ratio_p50']:.3f}, "
+                      f"TTFT +{in_proc['ttft_added_ms_p50']:.1f} ms", file=sys.stderr)
         finally:
             if proc is not None:
                 stop(proc)
-    in_proc = in_process_tpot(args, prompts) if args.in_process else None
     write_outputs(Path(args.out), rows, in_proc, args)
     return 0
 
@@ -229,12 +269,15 @@ def write_outputs(out: Path, rows, in_proc, args) -> None:
                      f"{fmt(r['throughput_tok_s'])} | {fmt(r['ttft_ms_p50'])} | {fmt(r['ttft_ms_p90'])} | "
                      f"{fmt(r['tpot_ms_p50'], '.2f')} | {fmt(r['tpot_ms_p90'], '.2f')} |")
     if in_proc:
-        c1 = [r for r in rows if r["concurrency"] == 1]
-        lines += ["", f"In-process engine, concurrency 1: TTFT p50 {in_proc['ttft_ms_p50']:.1f} ms, "
-                      f"TPOT p50 {in_proc['tpot_ms_p50']:.2f} ms."]
-        for r in c1:
-            lines.append(f"HTTP + Serve ({r['replicas'] or '?'} replicas), concurrency 1: TPOT p50 "
-                         f"{r['tpot_ms_p50']:.2f} ms ({100 * (r['tpot_ms_p50'] / in_proc['tpot_ms_p50'] - 1):+.1f}% vs in-process).")
+        p = in_proc
+        where = f"pinned to CPU(s) {p['pinned_cpus']}, the replica's" if p["pinned_cpus"] else "unpinned"
+        lines += ["", f"HTTP + Serve vs the engine in-process ({where}), {p['pairs']} interleaved request pairs at "
+                      f"concurrency 1 with {p['replicas'] or '?'} replica(s):", "",
+                  "| | TTFT ms p50 | TPOT ms p50 |", "|---|---:|---:|",
+                  f"| in-process | {p['in_process_ttft_ms_p50']:.1f} | {p['in_process_tpot_ms_p50']:.2f} |",
+                  f"| HTTP + Serve | {p['http_ttft_ms_p50']:.1f} | {p['http_tpot_ms_p50']:.2f} |", "",
+                  f"Paired medians: TPOT x{p['tpot_ratio_p50']:.3f} ({100 * (p['tpot_ratio_p50'] - 1):+.1f}%), "
+                  f"TTFT +{p['ttft_added_ms_p50']:.1f} ms."]
     save_table(out, "\n".join(lines) + "\n")
     plt = pyplot()
     if plt is None:

@@ -19,6 +19,8 @@ def test_latency_benchmark_smoke(tmp_path):
     names = [r["variant"] for r in result["rows"]]
     assert names[:3] == ["HF greedy", "HF assisted", "pace_core K=0"]
     assert any(n.startswith("pace_core PARD K=") for n in names)
+    assert any(n.startswith("pace_core PARD adaptive K<=") for n in names)
+    assert "Best pace_core:" in out.with_suffix(".md").read_text()
     for row in result["rows"]:  # float32: every variant produces HF greedy's tokens
         assert row["token_match_vs_hf_greedy"] == 1.0, row
         assert row["tokens_per_s"] > 0
@@ -37,6 +39,8 @@ def test_serving_benchmark_smoke(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert [r["concurrency"] for r in result["rows"]] == [1, 2]
     assert all(r["ok"] == r["requests"] and r["throughput_tok_s"] > 0 for r in result["rows"])
-    assert result["in_process"]["tpot_ms_p50"] > 0
-    assert "vs in-process" in out.with_suffix(".md").read_text()
+    paired = result["in_process"]
+    assert paired["pairs"] == 3 and paired["in_process_tpot_ms_p50"] > 0 and paired["http_tpot_ms_p50"] > 0
+    assert paired["tpot_ratio_p50"] > 0
+    assert "vs the engine in-process" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 1000
