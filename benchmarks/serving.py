@@ -203,6 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=Path, default=ROOT / "benchmarks" / "prompts" / "heldout.txt")
     ap.add_argument("--launch-replicas", default=None, help="e.g. 1,2: run `serve run` on serve_config.yaml per count")
     ap.add_argument("--config", type=Path, default=ROOT / "serve_config.yaml")
+    ap.add_argument("--app-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an app argument of --config for launched servers, e.g. stream_interval_ms=0")
     ap.add_argument("--in-process", action="store_true",
                     help="also measure HTTP + Serve against the engine in-process, interleaved, at concurrency 1 "
                          "(with the first server, ideally 1 replica)")
@@ -215,6 +217,9 @@ def main(argv=None) -> int:
     import yaml
 
     config = yaml.safe_load(args.config.read_text())
+    for item in args.app_arg:
+        key, _, value = item.partition("=")
+        config["applications"][0].setdefault("args", {})[key] = yaml.safe_load(value)
     if args.smoke:
         from pace_core.testing import build_pair
 

@@ -50,6 +50,9 @@ class AppArgs(BaseModel):
     pin: bool = True  # claim a NUMA slot and pin each replica to it
     max_queued_requests: int = Field(16, ge=0)  # beyond replicas + this: 503
     default_max_tokens: int = Field(256, ge=1)  # when a request gives no max_tokens
+    # streaming: send accepted tokens at most every this many ms (0: every step); the
+    # first token always goes at once
+    stream_interval_ms: float = Field(0.0, ge=0, le=1000)
     api_key: str | None = None  # or the PACE_API_KEY environment variable
     trust_remote_code: bool = False
 

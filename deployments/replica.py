@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,6 +34,7 @@ class LLMReplica:
                               tokenizer_name_or_path=args.get("tokenizer"),
                               trust_remote_code=args.get("trust_remote_code", False))
         self.load_s = time.perf_counter() - t0
+        self.stream_interval_s = args.get("stream_interval_ms", 0) / 1000
         # one thread runs the engine: steps of a request never overlap, and closing a
         # generator waits for its current step
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pace-engine")
@@ -48,8 +50,9 @@ class LLMReplica:
         return self.model.encode(request["prompt"])
 
     async def stream(self, request: dict):
-        """Yield dicts: {"text", "token_ids", "finish_reason", "num_prompt_tokens"} per
-        accepted chunk, the last with "stats"; a user error yields one {"error": ...}."""
+        """Yield dicts: {"text", "token_ids", "finish_reason", "num_prompt_tokens"} as
+        tokens are accepted (chunks the transport had no time to send yet go out
+        together), the last with "stats"; a user error yields one {"error": ...}."""
         from pace_core import SamplingConfig
 
         loop = asyncio.get_running_loop()
@@ -64,26 +67,53 @@ class LLMReplica:
         except USER_ERRORS as err:
             yield {"error": _error_message(err)}
             return
-        chunks = self.model.stream(prompt_ids, sampling)
+        # The engine thread runs the request to its end without waiting for the
+        # transport; the event loop sends whatever chunks are ready as one message.
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
         self.last_request = {"tokens": 0, "finish_reason": None}
+        engine = loop.run_in_executor(self._executor, self._run_engine, prompt_ids, sampling, loop, queue, stop)
         try:
-            while True:
-                chunk = await loop.run_in_executor(self._executor, next, chunks, None)
-                if chunk is None:
+            finished, next_send = False, 0.0
+            while not finished:
+                ready = await _take_ready(queue, next_send)
+                next_send = loop.time() + self.stream_interval_s
+                if isinstance(ready[-1], BaseException):
+                    raise ready[-1]
+                finished = ready[-1] is None
+                chunks = [c for c in ready if c is not None]
+                if not chunks:
                     break
+                out = {"text": "".join(c.text for c in chunks), "token_ids": [t for c in chunks for t in c.token_ids],
+                       "finish_reason": chunks[-1].finish_reason, "num_prompt_tokens": len(prompt_ids)}
+                if chunks[-1].finish_reason:
+                    out["stats"] = chunks[-1].stats.to_dict()
+                yield out
+        finally:
+            # normal end, or the caller went away (cancellation): the engine stops after
+            # its current step, and the replica is free once it has
+            stop.set()
+            await engine
+            self.requests_served += 1
+
+    def _run_engine(self, prompt_ids, sampling, loop, queue: asyncio.Queue, stop: threading.Event) -> None:
+        """Engine thread: decode until the end or until ``stop`` is set, handing each
+        chunk to the event loop as it is accepted; then None (or the exception)."""
+        chunks = self.model.stream(prompt_ids, sampling)
+        end = None
+        try:
+            for chunk in chunks:
                 self.last_request["tokens"] += len(chunk.token_ids)
                 self.tokens_generated += len(chunk.token_ids)
                 self.last_request["finish_reason"] = chunk.finish_reason
-                out = {"text": chunk.text, "token_ids": chunk.token_ids, "finish_reason": chunk.finish_reason,
-                       "num_prompt_tokens": len(prompt_ids)}
-                if chunk.finish_reason:
-                    out["stats"] = chunk.stats.to_dict()
-                yield out
+                loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                if stop.is_set():
+                    break
+        except Exception as err:  # surfaces in the request, the replica keeps serving
+            end = err
         finally:
-            # normal end, or the caller went away (cancellation): stop decoding after
-            # the current step and free the replica
-            await loop.run_in_executor(self._executor, chunks.close)
-            self.requests_served += 1
+            chunks.close()
+            loop.call_soon_threadsafe(queue.put_nowait, end)
 
     async def generate(self, request: dict) -> dict:
         """The whole output at once (same dict keys as the stream's chunks, joined)."""
@@ -126,6 +156,26 @@ class LLMReplica:
             executor.shutdown(wait=False, cancel_futures=True)
         if getattr(self, "slot", None) is not None:
             self.slot.release()
+
+
+async def _take_ready(queue: asyncio.Queue, not_before: float) -> list:
+    """At least one item; then everything that arrives until the loop time
+    ``not_before`` (or nothing more, when it has passed), stopping at the end marker
+    (None or an exception)."""
+    loop = asyncio.get_running_loop()
+    ready = [await queue.get()]
+    while ready[-1] is not None and not isinstance(ready[-1], BaseException):
+        if not queue.empty():
+            ready.append(queue.get_nowait())
+            continue
+        wait = not_before - loop.time()
+        if wait <= 0:
+            break
+        try:
+            ready.append(await asyncio.wait_for(queue.get(), wait))
+        except asyncio.TimeoutError:
+            break
+    return ready
 
 
 def _error_message(err: Exception) -> str:

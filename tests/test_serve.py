@@ -346,3 +346,37 @@ def test_serve_run_serve_config_yaml():
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+
+
+def test_stream_interval_coalesces_ready_chunks_until_the_deadline():
+    """The replica's streaming send: everything ready goes as one message; with a
+    stream interval it also waits for more until the deadline, but never past the end."""
+    from deployments.replica import _take_ready
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        for i in range(3):
+            q.put_nowait(i)
+        assert await _take_ready(q, 0.0) == [0, 1, 2]  # deadline passed: what is ready, no waiting
+
+        async def engine():
+            for i in (3, 4):
+                await asyncio.sleep(0.01)
+                q.put_nowait(i)
+            await asyncio.sleep(0.3)
+            q.put_nowait(5)
+
+        task = asyncio.create_task(engine())
+        t0 = loop.time()
+        assert await _take_ready(q, t0 + 0.1) == [3, 4]
+        assert 0.09 <= loop.time() - t0 < 0.25
+        assert await _take_ready(q, 0.0) == [5]
+        for item in (6, None, 7):
+            q.put_nowait(item)
+        t0 = loop.time()
+        assert await _take_ready(q, t0 + 10) == [6, None]  # the end marker stops the wait
+        assert loop.time() - t0 < 1
+        await task
+
+    asyncio.run(main())
