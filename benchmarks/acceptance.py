@@ -62,7 +62,8 @@ def main(argv=None) -> int:
         out_prompts.write_text("\n\n".join(prompts) + "\n", encoding="utf-8")
     ks = [int(k) for k in a.ks.split(",")]
     model = LLMModel(a.target, dtype=a.dtype,
-                     pard_config=PardSpecDecodeConfig(model_name_or_path=a.draft, num_speculative_tokens=max(ks)))
+                     pard_config=PardSpecDecodeConfig(model_name_or_path=a.draft, num_speculative_tokens=max(ks),
+                                                      speculation_schedule="fixed"))  # acceptance at exactly K
     tok = model.tokenizer
     held_ids = []
     for t in held_texts:
