@@ -1,7 +1,7 @@
 """Single-stream latency: HF greedy, HF assisted generation, this engine without a
 draft (K=0) and with PARD for a K sweep (fixed K and the adaptive schedule with K as
-its cap), and AMD PACE 1.3.0 (without a draft, and with PARD for the same K sweep)
-when its venv exists. Greedy, same prompts, warm-up excluded, variants interleaved per
+its cap), and AMD PACE 1.3.0 (without a draft, and with PARD for K = 4, 8, 12) when
+its venv exists, in every round like the others. Greedy, same prompts, warm-up excluded, variants interleaved per
 prompt and round so machine drift hits all alike. Every variant's tokens are checked
 against HF greedy.
 
@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds over all prompts (after one warm-up)")
     ap.add_argument("--no-assisted", action="store_true", help="skip HF assisted generation")
     ap.add_argument("--pace", choices=["auto", "off"], default="auto", help="AMD PACE from $PACE_VENV when present")
-    ap.add_argument("--pace-ks", default=None, help="K values for AMD PACE's PARD (default: --ks)")
+    ap.add_argument("--pace-ks", default="4,8,12", help="K values for AMD PACE's PARD (its best K on the demo "
+                                                        "pair is 8 or 12; 'all' = --ks)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency"))
     ap.add_argument("--smoke", action="store_true", help="tiny random models, 2 prompts, few tokens (CI)")
     ap.add_argument("--replot", action="store_true", help="only redraw <out>.md/.png from <out>.json")
@@ -201,8 +202,19 @@ def main(argv=None) -> int:
             family[name] = f"pace_core PARD {schedule}"
             variants.append((name, k, lambda ids, k=k, s=schedule: run_engine(llm, k, ids, a.max_new_tokens, s)))
 
-    records = {name: [] for name, _, _ in variants}
-    outputs = {name: [] for name, _, _ in variants}
+    pace_runs = []  # AMD PACE from its own venv: one subprocess per variant and round
+    if a.pace == "auto" and (PACE_VENV / "bin" / "python").is_file() and (PACE_ANCHORS / "pace_bench.py").is_file():
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write("\n\n".join(p.rstrip("\n") for p in prompts))
+        pace_ks = [int(k) for k in (a.ks if a.pace_ks == "all" else a.pace_ks).split(",") if k]
+        pace_runs = [("AMD PACE 1.3.0 no draft", None, 0)] + [(f"AMD PACE 1.3.0 PARD K={k}", draft, k) for k in pace_ks]
+    elif a.pace == "auto":
+        print(f"  AMD PACE: skipped (no PACE venv at {PACE_VENV}; build it with ../shared/anchors/setup_pace.sh)",
+              file=sys.stderr)
+
+    records = {name: [] for name, _, _ in variants + pace_runs}
+    outputs = {name: [] for name, _, _ in variants + pace_runs}
+    accepted = {}
     for ids in prompt_ids[:1]:  # warm-up
         for _, _, fn in variants:
             fn(ids)
@@ -214,26 +226,23 @@ def main(argv=None) -> int:
                 if rnd == 0:
                     outputs[name].append(out)
             print(f"  round {rnd + 1}/{a.rounds} prompt {i + 1}/{len(prompt_ids)}", file=sys.stderr)
-    reference = outputs["HF greedy"]
-    rows = [summarize(name, k, records[name], reference, outputs[name], family.get(name)) for name, k, _ in variants]
-
-    if a.pace == "auto":
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-            f.write("\n\n".join(p.rstrip("\n") for p in prompts))
-        pace_ks = [int(k) for k in (a.pace_ks or a.ks).split(",") if k]
-        runs = [("AMD PACE 1.3.0 no draft", None, 0)] + [(f"AMD PACE 1.3.0 PARD K={k}", draft, k) for k in pace_ks]
-        for n, (label, d, k) in enumerate(runs):
-            print(f"  AMD PACE {n + 1}/{len(runs)}: {label}", file=sys.stderr)
+        # PACE runs in every round too, so machine drift hits it like the others
+        for n, (label, d, k) in enumerate(pace_runs):
+            print(f"  round {rnd + 1}/{a.rounds} AMD PACE {n + 1}/{len(pace_runs)}: {label}", file=sys.stderr)
             res = run_pace(target, d, k, f.name, a.max_new_tokens, a.dtype, a.threads)
             if res is None:
-                print(f"  {label}: skipped (no PACE venv at {PACE_VENV}; build it with ../shared/anchors/setup_pace.sh)",
-                      file=sys.stderr)
                 continue
-            pace_out = [r["new_token_ids"] for r in res["results"]]
-            recs = [{"seconds": r["seconds"], "tokens": len(r["new_token_ids"]), "itl": [],
-                     "accepted": res.get("mean_accepted_tokens_incl_bonus")} for r in res["results"]]
-            row = summarize(label, k, recs, reference, pace_out, "AMD PACE PARD" if d else None)
-            row["ttft_ms_median"] = None
+            records[label] += [{"seconds": r["seconds"], "tokens": len(r["new_token_ids"]), "itl": []}
+                               for r in res["results"]]
+            accepted.setdefault(label, res.get("mean_accepted_tokens_incl_bonus"))
+            if not outputs[label]:
+                outputs[label] = [r["new_token_ids"] for r in res["results"]]
+    reference = outputs["HF greedy"]
+    rows = [summarize(name, k, records[name], reference, outputs[name], family.get(name)) for name, k, _ in variants]
+    for label, d, k in pace_runs:
+        if records[label]:
+            row = summarize(label, k, records[label], reference, outputs[label], "AMD PACE PARD" if d else None)
+            row["ttft_ms_median"], row["mean_accepted"] = None, accepted.get(label)
             rows.append(row)
 
     base = next(r for r in rows if r["variant"] == "HF greedy")["tokens_per_s"]
