@@ -100,18 +100,23 @@ def run_engine(llm, k, prompt_ids, n, schedule="fixed") -> tuple[list[int], dict
     return ids, latency_record(chunks, dt, len(ids), stats.mean_accepted_length)
 
 
-def run_pace(target, draft, k, prompts_file, n, dtype, threads) -> dict | None:
-    py = PACE_VENV / "bin" / "python"
-    script = PACE_ANCHORS / "pace_bench.py"
+def run_protocol(engine, target, draft, k, prompts_file, n, dtype, threads) -> dict | None:
+    """One fresh-process run of AMD PACE (../shared/anchors/pace_bench.py, in its venv)
+    or of pace_core under the same protocol (benchmarks/engine_bench.py): a warm-up on
+    each prompt, then one timed run of it."""
+    if engine == "pace":
+        py, script, extra = PACE_VENV / "bin" / "python", PACE_ANCHORS / "pace_bench.py", []
+    else:
+        py, script, extra = Path(sys.executable), ROOT / "benchmarks" / "engine_bench.py", ["--schedule", "adaptive"]
     if not (py.is_file() and script.is_file()):
         return None
     cmd = [str(py), str(script), "--target", target, "--prompts", prompts_file, "--max-new-tokens", str(n),
            "--dtype", dtype if dtype in ("bfloat16", "float32") else "bfloat16", "--threads", str(threads)]
     if draft:
-        cmd += ["--draft", draft, "--k", str(k)]
+        cmd += ["--draft", draft, "--k", str(k)] + extra
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if run.returncode != 0:
-        print(f"  PACE failed ({'PARD' if draft else 'no draft'}): {run.stderr.strip()[-500:]}", file=sys.stderr)
+        print(f"  {engine} failed ({'PARD' if draft else 'no draft'}): {run.stderr.strip()[-500:]}", file=sys.stderr)
         return None
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -207,13 +212,15 @@ def main(argv=None) -> int:
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
             f.write("\n\n".join(p.rstrip("\n") for p in prompts))
         pace_ks = [int(k) for k in (a.ks if a.pace_ks == "all" else a.pace_ks).split(",") if k]
-        pace_runs = [("AMD PACE 1.3.0 no draft", None, 0)] + [(f"AMD PACE 1.3.0 PARD K={k}", draft, k) for k in pace_ks]
+        pace_runs = [("AMD PACE 1.3.0 no draft", None, 0, "pace")] + [
+            (f"AMD PACE 1.3.0 PARD K={k}", draft, k, "pace") for k in pace_ks] + [
+            (f"pace_core PARD adaptive K<={k}, PACE's protocol", draft, k, "pace_core") for k in pace_ks]
     elif a.pace == "auto":
         print(f"  AMD PACE: skipped (no PACE venv at {PACE_VENV}; build it with ../shared/anchors/setup_pace.sh)",
               file=sys.stderr)
 
-    records = {name: [] for name, _, _ in variants + pace_runs}
-    outputs = {name: [] for name, _, _ in variants + pace_runs}
+    records = {run[0]: [] for run in variants + pace_runs}
+    outputs = {run[0]: [] for run in variants + pace_runs}
     accepted = {}
     for ids in prompt_ids[:1]:  # warm-up
         for _, _, fn in variants:
@@ -227,9 +234,9 @@ def main(argv=None) -> int:
                     outputs[name].append(out)
             print(f"  round {rnd + 1}/{a.rounds} prompt {i + 1}/{len(prompt_ids)}", file=sys.stderr)
         # PACE runs in every round too, so machine drift hits it like the others
-        for n, (label, d, k) in enumerate(pace_runs):
-            print(f"  round {rnd + 1}/{a.rounds} AMD PACE {n + 1}/{len(pace_runs)}: {label}", file=sys.stderr)
-            res = run_pace(target, d, k, f.name, a.max_new_tokens, a.dtype, a.threads)
+        for n, (label, d, k, engine) in enumerate(pace_runs):
+            print(f"  round {rnd + 1}/{a.rounds} fresh process {n + 1}/{len(pace_runs)}: {label}", file=sys.stderr)
+            res = run_protocol(engine, target, d, k, f.name, a.max_new_tokens, a.dtype, a.threads)
             if res is None:
                 continue
             records[label] += [{"seconds": r["seconds"], "tokens": len(r["new_token_ids"]), "itl": []}
@@ -239,9 +246,10 @@ def main(argv=None) -> int:
                 outputs[label] = [r["new_token_ids"] for r in res["results"]]
     reference = outputs["HF greedy"]
     rows = [summarize(name, k, records[name], reference, outputs[name], family.get(name)) for name, k, _ in variants]
-    for label, d, k in pace_runs:
+    for label, d, k, engine in pace_runs:
         if records[label]:
-            row = summarize(label, k, records[label], reference, outputs[label], "AMD PACE PARD" if d else None)
+            fam = None if not d else "AMD PACE PARD" if engine == "pace" else "pace_core PARD adaptive, PACE's protocol"
+            row = summarize(label, k, records[label], reference, outputs[label], fam)
             row["ttft_ms_median"], row["mean_accepted"] = None, accepted.get(label)
             rows.append(row)
 
@@ -302,15 +310,19 @@ def target_ratios(rows: list[dict]) -> list[str]:
         rs = [r for r in rows if pred(r)]
         return max(rs, key=lambda r: r["tokens_per_s"]) if rs else None
 
-    ours = best(lambda r: (_family(r) or "").startswith("pace_core PARD"))
+    ours = best(lambda r: (_family(r) or "").startswith("pace_core PARD") and "protocol" not in _family(r))
     if ours is None:
         return []
-    out = [f"Best pace_core: **{ours['variant']}** at {ours['tokens_per_s']:.1f} tokens/s:"]
-    for label, peer, goal in (("HF greedy", best(lambda r: r["variant"] == "HF greedy"), 3.0),
-                              ("HF assisted", best(lambda r: r["variant"] == "HF assisted"), 2.0),
-                              ("AMD PACE PARD at its best K", best(lambda r: _family(r) == "AMD PACE PARD"), 1.5)):
+    # against AMD PACE: pace_core under PACE's own protocol (fresh process, per-prompt warm-up), when measured
+    same = best(lambda r: "PACE's protocol" in (_family(r) or "")) or ours
+    out = [f"Best pace_core: **{ours['variant']}** at {ours['tokens_per_s']:.1f} tokens/s"
+           + (f"; under AMD PACE's protocol: **{same['variant']}** at {same['tokens_per_s']:.1f}" if same is not ours else "")
+           + ":"]
+    for label, peer, goal, mine in (("HF greedy", best(lambda r: r["variant"] == "HF greedy"), 3.0, ours),
+                                    ("HF assisted", best(lambda r: r["variant"] == "HF assisted"), 2.0, ours),
+                                    ("AMD PACE PARD at its best K", best(lambda r: _family(r) == "AMD PACE PARD"), 1.5, same)):
         if peer and peer["tokens_per_s"]:
-            ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
+            ratio = mine["tokens_per_s"] / peer["tokens_per_s"]
             out.append(f"- {ratio:.2f}x {label} ({peer['variant']}, {peer['tokens_per_s']:.1f}); "
                        f"target {goal}x: {'met' if ratio >= goal else 'missed'}")
     return out
@@ -339,7 +351,8 @@ def write_outputs(out: Path, meta: dict, rows: list[dict]) -> None:
     for r in rows:
         if _family(r):
             families.setdefault(_family(r), []).append(r)
-    looks = {"pace_core PARD adaptive": ("o-", "C0"), "pace_core PARD fixed": ("s--", "C9"), "AMD PACE PARD": ("^-", "C3")}
+    looks = {"pace_core PARD adaptive": ("o-", "C0"), "pace_core PARD fixed": ("s--", "C9"), "AMD PACE PARD": ("^-", "C3"),
+             "pace_core PARD adaptive, PACE's protocol": ("D:", "C2")}
     for fam, rs in families.items():
         marker, color = looks.get(fam, ("x-", None))
         ax.plot([r["k"] for r in rs], [r["tokens_per_s"] for r in rs], marker, label=fam, color=color)

@@ -44,3 +44,22 @@ def test_serving_benchmark_smoke(tmp_path):
     assert paired["tpot_ratio_p50"] > 0
     assert "vs the engine in-process" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_engine_bench_speaks_pace_bench_json(tmp_path):
+    """benchmarks/engine_bench.py: pace_core under AMD PACE's measuring protocol, with
+    pace_bench.py's JSON fields, so latency.py can run both the same way."""
+    from pace_core.testing import build_pair
+
+    target, draft = build_pair(tmp_path / "models", "qwen2")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\n\nimport os\n")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine_bench.py"), "--target", target,
+                          "--draft", draft, "--k", "3", "--prompts", str(prompts), "--max-new-tokens", "6",
+                          "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["engine"] == "pace_core" and out["k"] == 3 and out["mode"] == "pard-adaptive"
+    assert [r["prompt"] for r in out["results"]] == ["def add(a, b):", "import os\n"]
+    assert all(len(r["new_token_ids"]) <= 6 and r["seconds"] > 0 for r in out["results"])
+    assert out["tokens"] == sum(len(r["new_token_ids"]) for r in out["results"]) and out["tokens_per_second"] > 0
