@@ -63,3 +63,16 @@ def test_engine_bench_speaks_pace_bench_json(tmp_path):
     assert [r["prompt"] for r in out["results"]] == ["def add(a, b):", "import os\n"]
     assert all(len(r["new_token_ids"]) <= 6 and r["seconds"] > 0 for r in out["results"])
     assert out["tokens"] == sum(len(r["new_token_ids"]) for r in out["results"]) and out["tokens_per_second"] > 0
+
+
+def test_replica_overhead_smoke(tmp_path):
+    """benchmarks/replica_overhead.py: the engine's own time inside a Serve replica,
+    streamed and not, against in-process (tiny models, 2 pairs)."""
+    env = {**os.environ, "PACE_SLOT_DIR": str(tmp_path / "slots")}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "replica_overhead.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    ratios = out["engine_tpot_in_replica_over_in_process"]
+    assert out["pairs"] == 2 and set(ratios) == {"streamed", "not streamed"}
+    assert all(r > 0 for r in ratios.values())
