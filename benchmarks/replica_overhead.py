@@ -42,7 +42,8 @@ def main(argv=None) -> int:
 
     from deployments.app import build_app
     from deployments.args import AppArgs
-    from pace_core import LLMModel, PardSpecDecodeConfig, SamplingConfig
+    from deployments.replica import load_model
+    from pace_core import SamplingConfig
 
     args = AppArgs(num_replicas=1, cores_per_slot=1, stream_interval_ms=a.stream_interval_ms)
     if a.smoke:
@@ -59,8 +60,7 @@ def main(argv=None) -> int:
         replica = serve.get_deployment_handle("LLMReplica", app_name="overhead")
         cpus = replica.info.remote().result()["cpu_affinity"]
         pool = ThreadPoolExecutor(1, initializer=lambda: os.sched_setaffinity(0, cpus))
-        pard = PardSpecDecodeConfig(model_name_or_path=args.draft, num_speculative_tokens=args.num_speculative_tokens)
-        llm = pool.submit(LLMModel, args.target, pard_config=pard, num_threads=len(cpus)).result()
+        llm = pool.submit(load_model, args.model_dump(), len(cpus)).result()
         sampling = SamplingConfig(max_new_tokens=a.max_tokens)
         ratios = {"streamed": [], "not streamed": []}
         for i in range(a.pairs + 1):

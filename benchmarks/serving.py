@@ -153,16 +153,12 @@ def http_vs_in_process(args, url, model, prompts, headers, pairs: int) -> dict:
     so machine drift hits both alike. Reports medians and the median paired ratio."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pace_core import LLMModel, PardSpecDecodeConfig, SamplingConfig
+    from deployments.replica import load_model
+    from pace_core import SamplingConfig
 
-    a = args.app_args
-    pard = (PardSpecDecodeConfig(model_name_or_path=a["draft"], num_speculative_tokens=a.get("num_speculative_tokens", 8),
-                                 speculation_schedule=a.get("speculation_schedule", "adaptive"))
-            if a.get("draft") else None)
-    cpus = replica_cpus(a)
+    cpus = replica_cpus(args.app_args)
     pool = ThreadPoolExecutor(1, initializer=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
-    llm = pool.submit(LLMModel, a["target"], dtype=a.get("dtype", "auto"), pard_config=pard,
-                      num_threads=len(cpus) if cpus else 1).result()
+    llm = pool.submit(load_model, args.app_args, len(cpus) if cpus else 1).result()
 
     def engine(prompt: str) -> dict:
         t0 = time.perf_counter()

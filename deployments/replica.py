@@ -16,23 +16,30 @@ logger = logging.getLogger("ray.serve")
 USER_ERRORS = (ValueError,)  # RequestError, pydantic ValidationError and ModelLoadError are ValueErrors
 
 
+def load_model(args: dict, num_threads: int | None = None):
+    """The LLMModel a replica serves, from the app arguments (``AppArgs`` as a dict);
+    the benchmarks build their in-process engine with it too."""
+    from pace_core import LLMModel, PardSpecDecodeConfig
+
+    pard = None
+    if args.get("draft"):
+        pard = PardSpecDecodeConfig(model_name_or_path=args["draft"], pard_token=args.get("pard_token"),
+                                    num_speculative_tokens=args.get("num_speculative_tokens", 8),
+                                    speculation_schedule=args.get("speculation_schedule", "adaptive"))
+    return LLMModel(args["target"], dtype=args.get("dtype", "auto"), pard_config=pard,
+                    tokenizer_name_or_path=args.get("tokenizer"), num_threads=num_threads,
+                    trust_remote_code=args.get("trust_remote_code", False))
+
+
 @serve.deployment(max_ongoing_requests=1, health_check_period_s=5, graceful_shutdown_timeout_s=5)
 class LLMReplica:
     def __init__(self, args: dict):
-        from pace_core import LLMModel, PardSpecDecodeConfig
         from pace_core.numa import claim_slot_and_pin
 
         # pin BEFORE loading: first-touch then places the weights in the slot's memory
         self.slot = claim_slot_and_pin(cores_per_slot=args.get("cores_per_slot")) if args.get("pin", True) else None
         t0 = time.perf_counter()
-        pard = None
-        if args.get("draft"):
-            pard = PardSpecDecodeConfig(model_name_or_path=args["draft"], pard_token=args.get("pard_token"),
-                                        num_speculative_tokens=args["num_speculative_tokens"],
-                                        speculation_schedule=args.get("speculation_schedule", "adaptive"))
-        self.model = LLMModel(args["target"], dtype=args["dtype"], pard_config=pard,
-                              tokenizer_name_or_path=args.get("tokenizer"),
-                              trust_remote_code=args.get("trust_remote_code", False))
+        self.model = load_model(args)
         self.load_s = time.perf_counter() - t0
         self.stream_interval_s = args.get("stream_interval_ms", 0) / 1000
         # one thread runs the engine: steps of a request never overlap, and closing a
@@ -74,21 +81,21 @@ class LLMReplica:
         self.last_request = {"tokens": 0, "finish_reason": None}
         engine = loop.run_in_executor(self._executor, self._run_engine, prompt_ids, sampling, loop, queue, stop)
         try:
-            finished, next_send = False, 0.0
-            while not finished:
+            next_send = 0.0
+            while True:
                 ready = await _take_ready(queue, next_send)
                 next_send = loop.time() + self.stream_interval_s
                 if isinstance(ready[-1], BaseException):
                     raise ready[-1]
-                finished = ready[-1] is None
                 chunks = [c for c in ready if c is not None]
-                if not chunks:
+                if chunks:
+                    out = {"text": "".join(c.text for c in chunks), "token_ids": [t for c in chunks for t in c.token_ids],
+                           "finish_reason": chunks[-1].finish_reason, "num_prompt_tokens": len(prompt_ids)}
+                    if chunks[-1].finish_reason:
+                        out["stats"] = chunks[-1].stats.to_dict()
+                    yield out
+                if ready[-1] is None:  # the engine is done
                     break
-                out = {"text": "".join(c.text for c in chunks), "token_ids": [t for c in chunks for t in c.token_ids],
-                       "finish_reason": chunks[-1].finish_reason, "num_prompt_tokens": len(prompt_ids)}
-                if chunks[-1].finish_reason:
-                    out["stats"] = chunks[-1].stats.to_dict()
-                yield out
         finally:
             # normal end, or the caller went away (cancellation): the engine stops after
             # its current step, and the replica is free once it has
