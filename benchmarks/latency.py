@@ -1,8 +1,9 @@
 """Single-stream latency: HF greedy, HF assisted generation, this engine without a
 draft (K=0) and with PARD for a K sweep (fixed K and the adaptive schedule with K as
 its cap), and AMD PACE 1.3.0 (without a draft, and with PARD for K = 4, 8, 12) when
-its venv exists, in every round like the others. Greedy, same prompts, warm-up excluded, variants interleaved per
-prompt and round so machine drift hits all alike. Every variant's tokens are checked
+its venv exists, next to this engine under PACE's own protocol. Greedy, same prompts,
+warm-up excluded; in-process variants interleaved per prompt, fresh-process ones run
+in every round, so machine drift hits all alike. Every variant's tokens are checked
 against HF greedy.
 
     python benchmarks/latency.py                       # demo pair, held-out prompts
@@ -98,6 +99,11 @@ def run_engine(llm, k, prompt_ids, n, schedule="fixed") -> tuple[list[int], dict
         stats = c.stats
     dt = time.perf_counter() - t0
     return ids, latency_record(chunks, dt, len(ids), stats.mean_accepted_length)
+
+
+# the K sweeps a result row can belong to (None: a single baseline row)
+FIXED, ADAPTIVE = "pace_core PARD fixed", "pace_core PARD adaptive"
+PACE_PARD, ADAPTIVE_PACE_PROTOCOL = "AMD PACE PARD", "pace_core PARD adaptive, PACE's protocol"
 
 
 def run_protocol(engine, target, draft, k, prompts_file, n, dtype, threads) -> dict | None:
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
     for schedule in ("fixed", "adaptive"):
         for k in ks:
             name = f"pace_core PARD K={k}" if schedule == "fixed" else f"pace_core PARD adaptive K<={k}"
-            family[name] = f"pace_core PARD {schedule}"
+            family[name] = FIXED if schedule == "fixed" else ADAPTIVE
             variants.append((name, k, lambda ids, k=k, s=schedule: run_engine(llm, k, ids, a.max_new_tokens, s)))
 
     pace_runs = []  # AMD PACE from its own venv: one subprocess per variant and round
@@ -221,7 +227,6 @@ def main(argv=None) -> int:
 
     records = {run[0]: [] for run in variants + pace_runs}
     outputs = {run[0]: [] for run in variants + pace_runs}
-    accepted = {}
     for ids in prompt_ids[:1]:  # warm-up
         for _, _, fn in variants:
             fn(ids)
@@ -239,18 +244,17 @@ def main(argv=None) -> int:
             res = run_protocol(engine, target, d, k, f.name, a.max_new_tokens, a.dtype, a.threads)
             if res is None:
                 continue
-            records[label] += [{"seconds": r["seconds"], "tokens": len(r["new_token_ids"]), "itl": []}
-                               for r in res["results"]]
-            accepted.setdefault(label, res.get("mean_accepted_tokens_incl_bonus"))
+            records[label] += [{"seconds": r["seconds"], "tokens": len(r["new_token_ids"]), "itl": [],
+                                "accepted": res.get("mean_accepted_tokens_incl_bonus")} for r in res["results"]]
             if not outputs[label]:
                 outputs[label] = [r["new_token_ids"] for r in res["results"]]
     reference = outputs["HF greedy"]
     rows = [summarize(name, k, records[name], reference, outputs[name], family.get(name)) for name, k, _ in variants]
     for label, d, k, engine in pace_runs:
         if records[label]:
-            fam = None if not d else "AMD PACE PARD" if engine == "pace" else "pace_core PARD adaptive, PACE's protocol"
+            fam = None if not d else PACE_PARD if engine == "pace" else ADAPTIVE_PACE_PROTOCOL
             row = summarize(label, k, records[label], reference, outputs[label], fam)
-            row["ttft_ms_median"], row["mean_accepted"] = None, accepted.get(label)
+            row["ttft_ms_median"] = None
             rows.append(row)
 
     base = next(r for r in rows if r["variant"] == "HF greedy")["tokens_per_s"]
@@ -300,7 +304,7 @@ def _family(row: dict) -> str | None:
     'family' field and only fixed-K pace_core sweeps."""
     if "family" in row:
         return row["family"]
-    return "pace_core PARD fixed" if row["variant"].startswith("pace_core PARD") else None
+    return FIXED if row["variant"].startswith("pace_core PARD") else None
 
 
 def target_ratios(rows: list[dict]) -> list[str]:
@@ -310,17 +314,17 @@ def target_ratios(rows: list[dict]) -> list[str]:
         rs = [r for r in rows if pred(r)]
         return max(rs, key=lambda r: r["tokens_per_s"]) if rs else None
 
-    ours = best(lambda r: (_family(r) or "").startswith("pace_core PARD") and "protocol" not in _family(r))
+    ours = best(lambda r: _family(r) in (FIXED, ADAPTIVE))
     if ours is None:
         return []
     # against AMD PACE: pace_core under PACE's own protocol (fresh process, per-prompt warm-up), when measured
-    same = best(lambda r: "PACE's protocol" in (_family(r) or "")) or ours
+    same = best(lambda r: _family(r) == ADAPTIVE_PACE_PROTOCOL) or ours
     out = [f"Best pace_core: **{ours['variant']}** at {ours['tokens_per_s']:.1f} tokens/s"
            + (f"; under AMD PACE's protocol: **{same['variant']}** at {same['tokens_per_s']:.1f}" if same is not ours else "")
            + ":"]
     for label, peer, goal, mine in (("HF greedy", best(lambda r: r["variant"] == "HF greedy"), 3.0, ours),
                                     ("HF assisted", best(lambda r: r["variant"] == "HF assisted"), 2.0, ours),
-                                    ("AMD PACE PARD at its best K", best(lambda r: _family(r) == "AMD PACE PARD"), 1.5, same)):
+                                    ("AMD PACE PARD at its best K", best(lambda r: _family(r) == PACE_PARD), 1.5, same)):
         if peer and peer["tokens_per_s"]:
             ratio = mine["tokens_per_s"] / peer["tokens_per_s"]
             out.append(f"- {ratio:.2f}x {label} ({peer['variant']}, {peer['tokens_per_s']:.1f}); "
@@ -351,8 +355,7 @@ def write_outputs(out: Path, meta: dict, rows: list[dict]) -> None:
     for r in rows:
         if _family(r):
             families.setdefault(_family(r), []).append(r)
-    looks = {"pace_core PARD adaptive": ("o-", "C0"), "pace_core PARD fixed": ("s--", "C9"), "AMD PACE PARD": ("^-", "C3"),
-             "pace_core PARD adaptive, PACE's protocol": ("D:", "C2")}
+    looks = {ADAPTIVE: ("o-", "C0"), FIXED: ("s--", "C9"), PACE_PARD: ("^-", "C3"), ADAPTIVE_PACE_PROTOCOL: ("D:", "C2")}
     for fam, rs in families.items():
         marker, color = looks.get(fam, ("x-", None))
         ax.plot([r["k"] for r in rs], [r["tokens_per_s"] for r in rs], marker, label=fam, color=color)
