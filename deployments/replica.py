@@ -143,6 +143,7 @@ class LLMReplica:
             "num_speculative_tokens": self.model.num_speculative_tokens,
             "speculation_schedule": self.model.speculation_schedule if self.model.draft else None,
             "dtype": str(self.model.dtype).removeprefix("torch."),
+            "forward": self.model.forward_kind,
             "max_context": self.model.max_context,
             "slot": self.slot.to_dict() if self.slot else None,
             "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

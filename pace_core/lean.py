@@ -7,6 +7,10 @@ This runner reuses the model's own modules and weights (norms, projections, MLP,
 rotary embedding) and only replaces the glue: one contiguous K/V buffer per layer,
 grown geometrically, where cropping is just moving the length back.
 
+The layer loop runs in C++ (:mod:`pace_core.native`: the same ATen ops, bit-identical,
+without Python's per-op overhead) when the native kernels build and agree with the
+Python loop below on a probe forward; otherwise in Python.
+
 It is used when :func:`supports` says the architecture matches; anything else runs
 through :class:`pace_core.runner.CausalLMRunner` with the same interface.
 """
@@ -14,8 +18,14 @@ from __future__ import annotations
 
 import importlib
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+from . import native
+
+logger = logging.getLogger(__name__)
 
 LLAMA_FAMILY = {"llama", "qwen2", "qwen3", "mistral"}
 
@@ -62,7 +72,8 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
 class LeanRunner:
     """Same interface as CausalLMRunner: reset / forward / crop / seq_len / vocab_limit."""
 
-    def __init__(self, model, vocab_limit: int | None = None, initial_capacity: int = 256):
+    def __init__(self, model, vocab_limit: int | None = None, initial_capacity: int = 256,
+                 use_native: bool = True):
         self.model = model
         self.vocab_limit = vocab_limit or model.config.vocab_size
         cfg = model.config
@@ -85,6 +96,41 @@ class LeanRunner:
         self.v_cache: list[torch.Tensor] = []
         self._grow(min(initial_capacity, self.max_len))
         self.seq_len = 0
+        self.native_weights = [w for i in range(len(self.layers)) for w in self._layer_weights(i)]
+        self.norm_eps = self._eps(self.layers[0].input_layernorm)
+        self.native = use_native and self._native_usable()
+
+    @staticmethod
+    def _eps(norm) -> float:
+        return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+
+    def _layer_weights(self, i: int) -> list[torch.Tensor | None]:
+        """One layer's weights in the order csrc/llama_layers.cpp reads them."""
+        layer = self.layers[i]
+        attn, mlp = layer.self_attn, layer.mlp
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        return [layer.input_layernorm.weight, *self.qkv[i],
+                q_norm.weight if q_norm is not None else None, k_norm.weight if k_norm is not None else None,
+                attn.o_proj.weight, attn.o_proj.bias, layer.post_attention_layernorm.weight,
+                *self.gate_up[i], mlp.down_proj.weight, mlp.down_proj.bias]
+
+    def _native_usable(self) -> bool:
+        """The C++ layer loop hard-codes SiLU, the Llama RMSNorm and rotary formulas and one
+        epsilon: use it only if it builds and reproduces the Python loop exactly on a
+        probe forward (a model variant that differs falls back, with a log line)."""
+        cfg = self.model.config
+        if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish") or not native.load():
+            return False
+        probe = [i % self.vocab_limit for i in range(1, 6)]
+        self.native = False
+        expected = self.forward(probe, len(probe))
+        self.native, self.seq_len = True, 0
+        agrees = torch.equal(self.forward(probe, len(probe)), expected)
+        self.seq_len = 0
+        if not agrees:
+            logger.warning("native layer loop disagrees with the Python one for %s: using the Python loop",
+                           cfg.model_type)
+        return agrees
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, min(2 * self.capacity, self.max_len))
@@ -116,6 +162,19 @@ class LeanRunner:
         positions = torch.arange(start, end).unsqueeze(0)
         h = self.model.model.embed_tokens(ids)
         cos, sin = self.model.model.rotary_emb(h, positions)
+        if self.native:
+            h = torch.ops.pace_core.llama_layers(h, cos, sin, self.native_weights, self.k_cache, self.v_cache, start,
+                                                 self.num_heads, self.num_kv_heads, self.head_dim, self.scaling,
+                                                 self.norm_eps)
+        else:
+            h = self._layers(h, cos, sin, start, end)
+        h = self.model.model.norm(h[:, -num_logits:])
+        self.seq_len = end
+        return self.model.lm_head(h)[0, :, : self.vocab_limit].float()
+
+    def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """The decoder layers in Python (the reference for csrc/llama_layers.cpp)."""
+        n = end - start
         # causal mask over [cache + new]: query i sees keys 0..start+i
         mask = None
         if n > 1:
@@ -140,9 +199,7 @@ class LeanRunner:
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, H * D))
             gate, up = F.linear(layer.post_attention_layernorm(h), *self.gate_up[i]).chunk(2, dim=-1)
             h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-        h = self.model.model.norm(h[:, -num_logits:])
-        self.seq_len = end
-        return self.model.lm_head(h)[0, :, : self.vocab_limit].float()
+        return h
 
 
 def masked_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor,

@@ -167,6 +167,14 @@ class LLMModel:
         """The target's weights' dtype (``dtype="auto"`` resolved)."""
         return self.target.model.dtype
 
+    @property
+    def forward_kind(self) -> str:
+        """How the target's forward runs: ``lean-native`` (C++ layer loop), ``lean-python``
+        or ``transformers`` (see ``runner=`` and :mod:`pace_core.native`)."""
+        if hasattr(self.target, "native"):
+            return "lean-native" if self.target.native else "lean-python"
+        return "transformers"
+
     def get_tokenizer(self):
         return self.tokenizer
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pace_core import LLMModel, PardSpecDecodeConfig, SamplingConfig
+from pace_core import native
 from pace_core.stopping import OutputBuilder
 
 PROMPTS = [
@@ -49,6 +50,8 @@ def pard_models(tiny_pairs):
 def test_pard_equals_transformers_greedy_fp32(pard_models, arch, k, runner):
     model = pard_models[arch, runner]
     assert type(model.target).__name__ == {"lean": "LeanRunner", "transformers": "CausalLMRunner"}[runner]
+    if runner == "lean" and native._compiler() is not None:
+        assert model.forward_kind == "lean-native" and model.draft.native  # the C++ layer loop, both models
     model.num_speculative_tokens = k
     assert model.draft.model.config.vocab_size > model.target.model.config.vocab_size  # padded draft vocab
     for i, prompt in enumerate(PROMPTS):

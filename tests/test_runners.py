@@ -41,3 +41,71 @@ def test_other_architectures_use_transformers_forward(tmp_path):
     assert out.token_ids == ref
     with pytest.raises(ValueError, match="runner='lean' does not support model_type 'gpt2'"):
         make_runner(model.target.model, "lean")
+
+
+def _python_and_native(model):
+    """Two lean runners on one model: the C++ layer loop and the Python one."""
+    from pace_core import native
+
+    if native._compiler() is None:
+        pytest.skip("no C++ compiler: the native kernels cannot be built here")
+    fast, slow = LeanRunner(model, initial_capacity=16), LeanRunner(model, initial_capacity=16, use_native=False)
+    assert fast.native, native.unavailable_reason()
+    assert not slow.native
+    return fast, slow
+
+
+def _assert_same_logits(a_runner, b_runner, seed=0):
+    ids = torch.randint(0, 400, (120,), generator=torch.Generator().manual_seed(seed)).tolist()
+    a_runner.reset(), b_runner.reset()
+    for chunk, keep, crop in ((ids[:50], 3, 0), (ids[50:59], 9, 4), (ids[59:60], 1, 0), (ids[60:90], 30, 7)):
+        assert torch.equal(a_runner.forward(chunk, keep), b_runner.forward(chunk, keep))  # bit for bit
+        a_runner.crop(crop), b_runner.crop(crop)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_native_layer_loop_is_bit_identical_to_python(tiny_pairs, arch):
+    for path in tiny_pairs[arch]:  # target, and the draft (one layer, one KV head: GQA)
+        model = LLMModel(path, dtype="float32", runner="transformers").target.model
+        _assert_same_logits(*_python_and_native(model))
+
+
+def test_native_layer_loop_with_every_bias(tmp_path):
+    """Llama with attention and MLP biases exercises every optional weight slot."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08)
+    fast, slow = _python_and_native(model)
+    _assert_same_logits(fast, slow)
+    hf = CausalLMRunner(model)
+    hf.reset(), fast.reset()
+    ids = list(range(3, 40))
+    torch.testing.assert_close(hf.forward(ids, 5), fast.forward(ids, 5), atol=1e-4, rtol=1e-4)
+
+
+def test_native_kernels_fall_back_to_python(tiny_pair, tmp_path, monkeypatch, caplog):
+    """A failing build (here: a compiler that always fails) or PACE_NATIVE_KERNELS=0 is
+    a log line, not an error: the Python loop runs, with the same results."""
+    from pace_core import native
+
+    model = LLMModel(tiny_pair[0], dtype="float32", runner="transformers").target.model
+    reference = LeanRunner(model, use_native=False)
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("PACE_CACHE_DIR", str(tmp_path))  # nothing cached: forces a build
+    monkeypatch.setenv("CXX", "false")
+    with caplog.at_level("WARNING", logger="pace_core.native"):
+        runner = LeanRunner(model)
+    assert not runner.native
+    assert "native kernels unavailable" in caplog.text and "false failed" in native.unavailable_reason()
+    _assert_same_logits(runner, reference)
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("PACE_NATIVE_KERNELS", "0")
+    assert not LeanRunner(model).native
+    assert native.unavailable_reason() == "disabled by PACE_NATIVE_KERNELS=0"
