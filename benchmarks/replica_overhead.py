@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
     from deployments.app import build_app
     from deployments.args import AppArgs
-    from deployments.replica import load_model
+    from deployments.engine_process import load_model
     from pace_core import SamplingConfig
 
     args = AppArgs(num_replicas=1, cores_per_slot=1, stream_interval_ms=a.stream_interval_ms)

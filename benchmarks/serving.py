@@ -56,9 +56,11 @@ async def one_request(client, url, model, prompt, max_tokens, headers) -> dict:
                 arrivals.append(time.perf_counter() - t0)
     n = usage["completion_tokens"] if usage else len(arrivals)
     latency = time.perf_counter() - t0
-    # inter-token latency: gaps between text chunks, shared by the tokens they carry
+    # inter-token latency: gaps between text chunks, shared by the tokens they carry;
+    # TPOT from the first to the last text chunk (as vLLM's benchmark_serving: the
+    # usage chunk and [DONE] after the last token are not token latency)
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    per_token = (latency - arrivals[0]) / max(n - 1, 1) if arrivals else None
+    per_token = (arrivals[-1] - arrivals[0]) / max(n - 1, 1) if arrivals else None
     return {"ok": True, "status": 200, "latency": latency, "ttft": arrivals[0] if arrivals else latency,
             "tokens": n, "tpot": per_token, "gaps": gaps}
 
@@ -153,7 +155,7 @@ def http_vs_in_process(args, url, model, prompts, headers, pairs: int) -> dict:
     so machine drift hits both alike. Reports medians and the median paired ratio."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from deployments.replica import load_model
+    from deployments.engine_process import load_model
     from pace_core import SamplingConfig
 
     cpus = replica_cpus(args.app_args)
@@ -162,14 +164,15 @@ def http_vs_in_process(args, url, model, prompts, headers, pairs: int) -> dict:
 
     def engine(prompt: str) -> dict:
         t0 = time.perf_counter()
-        first, n = None, 0
+        first = last = None
+        n = 0
         for c in llm.stream(prompt, SamplingConfig(max_new_tokens=args.max_tokens)):
-            if c.text and first is None:
-                first = time.perf_counter() - t0
+            if c.text:  # the same definition as one_request: first and last text chunk
+                last = time.perf_counter() - t0
+                first = last if first is None else first
             n += len(c.token_ids)
-        total = time.perf_counter() - t0
-        first = first or total
-        return {"ttft": first, "tpot": (total - first) / max(n - 1, 1)}
+        first = first if first is not None else time.perf_counter() - t0
+        return {"ttft": first, "tpot": ((last or first) - first) / max(n - 1, 1)}
 
     http, local = [], []
     for i in range(pairs + 1):

@@ -350,33 +350,40 @@ def test_serve_run_serve_config_yaml():
 
 
 def test_stream_interval_coalesces_ready_chunks_until_the_deadline():
-    """The replica's streaming send: everything ready goes as one message; with a
-    stream interval it also waits for more until the deadline, but never past the end."""
-    from deployments.replica import _take_ready
+    """The replica's streaming send: every engine message already there goes as one;
+    with a stream interval it also waits for more until the deadline, but never past
+    the end of the request. (The engine side of the socket is played by this test.)"""
+    import multiprocessing
+
+    from deployments.replica import LLMReplica
+
+    replica = LLMReplica.func_or_class.__new__(LLMReplica.func_or_class)
+    replica.engine, engine = multiprocessing.Pipe()  # a socket pair: poll / recv / fileno
+    chunk = lambda i: ("chunk", i)  # noqa: E731
 
     async def main():
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
         for i in range(3):
-            q.put_nowait(i)
-        assert await _take_ready(q, 0.0) == [0, 1, 2]  # deadline passed: what is ready, no waiting
+            engine.send(chunk(i))
+        await asyncio.sleep(0.05)
+        assert await replica._take_ready(0.0) == [chunk(0), chunk(1), chunk(2)]  # deadline passed: no waiting
 
-        async def engine():
+        async def produce():
             for i in (3, 4):
                 await asyncio.sleep(0.01)
-                q.put_nowait(i)
+                engine.send(chunk(i))
             await asyncio.sleep(0.3)
-            q.put_nowait(5)
+            engine.send(chunk(5))
 
-        task = asyncio.create_task(engine())
+        task = asyncio.create_task(produce())
         t0 = loop.time()
-        assert await _take_ready(q, t0 + 0.1) == [3, 4]
+        assert await replica._take_ready(t0 + 0.1) == [chunk(3), chunk(4)]
         assert 0.09 <= loop.time() - t0 < 0.25
-        assert await _take_ready(q, 0.0) == [5]
-        for item in (6, None, 7):
-            q.put_nowait(item)
+        assert await replica._take_ready(0.0) == [chunk(5)]
+        for message in (chunk(6), ("end", None), chunk(7)):
+            engine.send(message)
         t0 = loop.time()
-        assert await _take_ready(q, t0 + 10) == [6, None]  # the end marker stops the wait
+        assert await replica._take_ready(t0 + 10) == [chunk(6), ("end", None)]  # the end stops the wait
         assert loop.time() - t0 < 1
         await task
 

@@ -1,0 +1,216 @@
+"""The replica's engine in a process of its own.
+
+A Serve replica's Python threads (Ray's event loops, gRPC, Serve's streaming
+machinery) would otherwise share one GIL with the decoding loop: each streamed message
+costs the engine time, and on a multi-core slot the threads' GIL hand-offs slow the
+engine down far more than their CPU time (measured: x1.8 with Serve's threads on
+another core). Here the engine process owns the model, is pinned to the replica's
+slot, and talks to the replica over a socket pair: the replica sends a request, the
+engine sends back its chunks as they are accepted, and a ``stop`` message ends a
+request early (after the current step). No model math happens on the replica's side.
+
+    engine = EngineProcess(app_args, slot)        # loads the model, raises ModelLoadError
+    engine.send(("generate", request))            # then engine.recv() until ("end", ...)
+
+Messages from the engine: ("ready", info), ("load_error", message),
+("chunk", dict), ("user_error", message), ("end", error message or None).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+
+logger = logging.getLogger("ray.serve")
+
+USER_ERRORS = (ValueError,)  # RequestError, pydantic ValidationError and ModelLoadError are ValueErrors
+
+
+def load_model(args: dict, num_threads: int | None = None):
+    """The LLMModel a replica serves, from the app arguments (``AppArgs`` as a dict);
+    the benchmarks build their in-process engine with it too."""
+    from pace_core import LLMModel, PardSpecDecodeConfig
+
+    pard = None
+    if args.get("draft"):
+        pard = PardSpecDecodeConfig(model_name_or_path=args["draft"], pard_token=args.get("pard_token"),
+                                    num_speculative_tokens=args.get("num_speculative_tokens", 8),
+                                    speculation_schedule=args.get("speculation_schedule", "adaptive"))
+    return LLMModel(args["target"], dtype=args.get("dtype", "auto"), pard_config=pard,
+                    tokenizer_name_or_path=args.get("tokenizer"), num_threads=num_threads,
+                    trust_remote_code=args.get("trust_remote_code", False))
+
+
+class EngineError(RuntimeError):
+    """The engine process died or broke the protocol: the replica must be replaced."""
+
+
+class EngineProcess:
+    """Start the engine process and wait until its model is loaded."""
+
+    def __init__(self, args: dict, slot=None, timeout_s: float | None = None):
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "deployments.engine_process", str(theirs.fileno())],
+                                     pass_fds=[theirs.fileno()], env=env)
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.send((args, slot))
+        if timeout_s is not None and not self.conn.poll(timeout_s):
+            self.close()
+            raise EngineError(f"the engine process did not load the model within {timeout_s:.0f}s")
+        kind, payload = self.recv()
+        if kind == "load_error":
+            self.close()
+            from pace_core.loading import ModelLoadError
+
+            raise ModelLoadError(payload)
+        self.info: dict = payload  # pid, model description, pinning
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, message) -> None:
+        try:
+            self.conn.send(message)
+        except OSError as err:
+            raise EngineError(f"the engine process is gone (exit code {self.proc.poll()}): {err}") from None
+
+    def poll(self) -> bool:
+        return self.conn.poll()
+
+    def recv(self):
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError) as err:
+            raise EngineError(f"the engine process is gone (exit code {self.proc.poll()}): {err!r}") from None
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+# ------------------------------------------------------------------ the engine side
+
+def _describe(model, slot, pinned: dict) -> dict:
+    import torch
+
+    return {
+        "pid": os.getpid(),
+        "target": model.config.model_name_or_path,
+        "draft": model.config.pard_config.model_name_or_path if model.draft else None,
+        "num_speculative_tokens": model.num_speculative_tokens,
+        "speculation_schedule": model.speculation_schedule if model.draft else None,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "forward": model.forward_kind,
+        "max_context": model.max_context,
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        **{k: pinned.get(k) for k in ("membind",)},
+    }
+
+
+def _prepare(model, request: dict):
+    """Prompt ids and sampling config of a request; ValueError for a user error."""
+    from pace_core import SamplingConfig
+
+    if request.get("messages") is not None:
+        prompt_ids = model.apply_chat_template(request["messages"])
+    else:
+        prompt_ids = model.encode(request["prompt"])
+    fields = dict(request.get("sampling", {}))
+    room = (model.max_context or 1 << 30) - len(prompt_ids)
+    if request.get("max_tokens_is_default") and room > 0:
+        fields["max_new_tokens"] = min(fields.get("max_new_tokens", room), room)  # as vLLM: fit the context
+    sampling = SamplingConfig(**fields)
+    model.check_request(prompt_ids, sampling)
+    return prompt_ids, sampling
+
+
+def _serve_request(model, conn: Connection, request: dict) -> None:
+    try:
+        prompt_ids, sampling = _prepare(model, request)
+    except USER_ERRORS as err:
+        conn.send(("user_error", error_message(err)))
+        return
+    chunks = model.stream(prompt_ids, sampling)
+    error = None
+    try:
+        for chunk in chunks:
+            out = {"text": chunk.text, "token_ids": chunk.token_ids, "finish_reason": chunk.finish_reason,
+                   "num_prompt_tokens": len(prompt_ids)}
+            if chunk.finish_reason:
+                out["stats"] = chunk.stats.to_dict()
+            conn.send(("chunk", out))
+            if conn.poll():  # the only message that can arrive mid-request is "stop"
+                conn.recv()
+                break
+    except Exception as err:  # surfaces in the request; the engine keeps serving
+        logger.exception("request failed in the engine")
+        error = f"{type(err).__name__}: {err}"
+    finally:
+        chunks.close()
+    conn.send(("end", error))
+
+
+def main(fd: int) -> None:
+    if sys.platform.startswith("linux"):  # die with the replica, whatever kills it
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(process)d %(levelname)s %(message)s")
+    conn = Connection(fd)
+    args, slot = conn.recv()
+    pinned: dict = {}
+    try:
+        if slot is not None:
+            from pace_core.numa import pin_to_slot
+
+            pinned = pin_to_slot(slot)  # before loading: first touch places the weights in the slot's memory
+        model = load_model(args)
+    except Exception as err:
+        conn.send(("load_error", f"{type(err).__name__}: {err}"))
+        return
+    conn.send(("ready", _describe(model, slot, pinned)))
+    while True:
+        try:
+            kind, payload = conn.recv()
+        except (EOFError, OSError):
+            return  # the replica is gone
+        if kind == "generate":
+            _serve_request(model, conn, payload)
+        # a "stop" that raced with the end of its request: nothing to stop
+
+
+def error_message(err: Exception) -> str:
+    """A one-line message for a user error (pydantic errors list each field)."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        try:
+            return "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}".lstrip(": ") for e in errors())
+        except Exception:
+            pass
+    return str(err)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

@@ -1,0 +1,66 @@
+"""The replica's engine process, driven directly (no Ray): same tokens as the engine
+in-process, user errors as messages, early stop, load errors and a dead engine."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from deployments.engine_process import EngineError, EngineProcess
+from pace_core import LLMModel, PardSpecDecodeConfig, SamplingConfig
+from pace_core.loading import ModelLoadError
+
+
+def _run(engine: EngineProcess, request: dict, stop_after: int | None = None) -> list:
+    engine.send(("generate", request))
+    messages = []
+    while True:
+        kind, payload = engine.recv()
+        messages.append((kind, payload))
+        if kind == "chunk" and stop_after is not None and len(messages) == stop_after:
+            engine.send(("stop", None))
+        if kind in ("end", "user_error"):
+            return messages
+
+
+def test_engine_process_streams_the_engines_tokens(tiny_pair):
+    target, draft = tiny_pair
+    args = {"target": target, "draft": draft, "num_speculative_tokens": 4, "dtype": "float32"}
+    engine = EngineProcess(args)
+    try:
+        assert engine.info["pid"] == engine.pid != os.getpid()
+        assert engine.info["num_speculative_tokens"] == 4 and engine.info["dtype"] == "float32"
+        request = {"prompt": "def add(a, b):", "sampling": {"max_new_tokens": 40, "ignore_eos": True}}
+        messages = _run(engine, request)
+        assert messages[-1] == ("end", None)
+        chunks = [p for k, p in messages if k == "chunk"]
+        local = LLMModel(target, dtype="float32",
+                         pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=4))
+        expected = local.generate("def add(a, b):", SamplingConfig(max_new_tokens=40, ignore_eos=True))
+        assert [t for c in chunks for t in c["token_ids"]] == expected.token_ids
+        assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["stats"]["steps"] == len(chunks)
+
+        # a user error is a message, and the engine keeps serving
+        kind, message = _run(engine, {"prompt": "x", "sampling": {"max_new_tokens": -1}})[-1]
+        assert kind == "user_error" and "max_new_tokens" in message
+
+        # stop after the first chunk: the engine ends the request within a step
+        long = {"prompt": "x", "sampling": {"max_new_tokens": 400, "ignore_eos": True}}
+        messages = _run(engine, long, stop_after=1)
+        assert messages[-1] == ("end", None)
+        assert sum(len(p["token_ids"]) for k, p in messages if k == "chunk") < 60
+        assert [k for k, _ in _run(engine, request)][-1] == "end"  # and serves the next one
+
+        os.kill(engine.pid, signal.SIGKILL)
+        engine.proc.wait(10)
+        assert not engine.alive()
+        with pytest.raises(EngineError, match="engine process is gone"):
+            _run(engine, request)
+    finally:
+        engine.close()
+
+
+def test_engine_process_load_error_names_the_problem(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        EngineProcess({"target": str(tmp_path)})  # a directory without a model
