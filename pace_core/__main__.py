@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = f"PARD K={k} ({model.speculation_schedule})" if k else "no draft"
     dtype = str(model.dtype).removeprefix("torch.")
     print(f"\n\n--- {len(ids)} tokens in {stats.total_time_s:.3f}s ({stats.tokens_per_s:.1f} tok/s), "
-          f"finish_reason={chunk.finish_reason}, {spec}, dtype={dtype}\n"
+          f"finish_reason={chunk.finish_reason}, {spec}, dtype={dtype}, forward={model.forward_kind}\n"
           f"    steps={stats.steps}  mean accepted/step={stats.mean_accepted_length:.2f}  "
           f"ttft={stats.time_to_first_token_s * 1000:.1f}ms  draft={stats.draft_time_s:.3f}s  "
           f"target={stats.target_time_s:.3f}s  load={load_s:.1f}s", file=sys.stderr)
