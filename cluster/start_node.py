@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 
+from deployments import PROXY_GRPC_ENV
 from pace_core.topology import (
     CORES_PER_SLOT_ENV,
     TOPOLOGY_ENV,
@@ -85,6 +86,8 @@ def node_env(cores_per_slot: int | None = None) -> dict[str, str]:
     for var in (TOPOLOGY_ENV, "PACE_SLOT_DIR"):
         if os.environ.get(var):
             env[var] = os.environ[var]
+    # Serve's HTTP proxy talks to the router over gRPC (see deployments.router.PROXY_GRPC_ENV)
+    env[PROXY_GRPC_ENV] = os.environ.get(PROXY_GRPC_ENV, "1")
     return env
 
 

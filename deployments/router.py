@@ -4,6 +4,7 @@ formats; it does no model math."""
 import asyncio
 import json
 import logging
+import os
 import time
 
 from fastapi import FastAPI, Request
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import PROXY_GRPC_ENV
 from .args import AppArgs
 from .metrics import Metrics
 from .protocol import (
@@ -76,7 +78,9 @@ def _sse(obj) -> str:
 @serve.ingress(app)
 class Router:
     def __init__(self, replica, args: dict):
-        self.replica = replica
+        # by value over gRPC, not through Ray's object store: each streamed chunk is
+        # one small message, and this transport costs measurably less CPU per message
+        self.replica = replica.options(_by_reference=False)
         self.args = AppArgs(**args)
         self.model_name = self.args.served_model_name
         self.api_key = self.args.resolved_api_key()
@@ -84,6 +88,10 @@ class Router:
         self.metrics.running_capacity = self.args.max_replicas
         self.capacity = self.args.max_replicas + self.args.max_queued_requests
         self._replica_info: dict | None = None
+        if os.environ.get(PROXY_GRPC_ENV) != "1":
+            logger.info("tip: start Ray with %s=1 (`%s=1 serve run serve_config.yaml`, or `python -m "
+                        "cluster.start_node`): Serve's HTTP proxy then streams to this router over gRPC, "
+                        "which measurably lowers per-token HTTP overhead", PROXY_GRPC_ENV, PROXY_GRPC_ENV)
 
     # ------------------------------------------------------------------ plumbing
     def _check_auth(self, request: Request) -> None:

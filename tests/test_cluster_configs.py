@@ -91,6 +91,8 @@ def test_rayservice_shape(rayservice):
     assert group["rayStartParams"]["num-cpus"] == res["limits"]["cpu"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["PACE_CORES_PER_SLOT"] == "0"
+    head_env = {e["name"]: e["value"] for e in head["template"]["spec"]["containers"][0]["env"]}
+    assert env["RAY_SERVE_PROXY_USE_GRPC"] == head_env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
 
 
 def _serve_app(rayservice):

@@ -320,7 +320,9 @@ def test_serve_run_serve_config_yaml():
     import tempfile
 
     # pinning on, with a private lock directory so that no other server on this host interferes
-    env = {**os.environ, "RAY_DASHBOARD_ENABLED": "0", "PACE_SLOT_DIR": tempfile.mkdtemp(prefix="pace-slots-")}
+    # the README's command: RAY_SERVE_PROXY_USE_GRPC=1 serve run serve_config.yaml
+    env = {**os.environ, "RAY_DASHBOARD_ENABLED": "0", "PACE_SLOT_DIR": tempfile.mkdtemp(prefix="pace-slots-"),
+           "RAY_SERVE_PROXY_USE_GRPC": "1"}
     env.pop("PACE_PIN", None)
     proc = subprocess.Popen(["serve", "run", "serve_config.yaml"], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -337,6 +339,13 @@ def test_serve_run_serve_config_yaml():
         r = httpx.post("http://127.0.0.1:8000/v1/completions",
                        json={"model": "pace-demo", "prompt": "def fibonacci(n):", "max_tokens": 32}, timeout=120)
         assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        body = {"model": "pace-demo", "prompt": "def fibonacci(n):", "max_tokens": 32, "stream": True}
+        with httpx.stream("POST", "http://127.0.0.1:8000/v1/completions", json=body, timeout=120) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and len(events) > 3
+        assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]) == r.json()["choices"][0]["text"]
+        bad = httpx.post("http://127.0.0.1:8000/v1/completions", json={"model": "pace-demo", "max_tokens": 4}, timeout=30)
+        assert bad.status_code == 400 and "prompt" in bad.json()["error"]["message"]
         assert 'route="/v1/completions",status="200"' in httpx.get("http://127.0.0.1:8000/metrics", timeout=30).text
     finally:
         import signal
