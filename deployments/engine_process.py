@@ -111,7 +111,7 @@ class EngineProcess:
 
 # ------------------------------------------------------------------ the engine side
 
-def _describe(model, slot, pinned: dict) -> dict:
+def _describe(model, pinned: dict) -> dict:
     import torch
 
     return {
@@ -125,7 +125,7 @@ def _describe(model, slot, pinned: dict) -> dict:
         "max_context": model.max_context,
         "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
-        **{k: pinned.get(k) for k in ("membind",)},
+        "membind": pinned.get("membind"),
     }
 
 
@@ -190,7 +190,7 @@ def main(fd: int) -> None:
     except Exception as err:
         conn.send(("load_error", f"{type(err).__name__}: {err}"))
         return
-    conn.send(("ready", _describe(model, slot, pinned)))
+    conn.send(("ready", _describe(model, pinned)))
     while True:
         try:
             kind, payload = conn.recv()
