@@ -86,7 +86,7 @@ def node_env(cores_per_slot: int | None = None) -> dict[str, str]:
     for var in (TOPOLOGY_ENV, "PACE_SLOT_DIR"):
         if os.environ.get(var):
             env[var] = os.environ[var]
-    # Serve's HTTP proxy talks to the router over gRPC (see deployments.router.PROXY_GRPC_ENV)
+    # Serve's HTTP proxy talks to the router over gRPC (see deployments.PROXY_GRPC_ENV)
     env[PROXY_GRPC_ENV] = os.environ.get(PROXY_GRPC_ENV, "1")
     return env
 

@@ -52,7 +52,7 @@ class EngineError(RuntimeError):
 class EngineProcess:
     """Start the engine process and wait until its model is loaded."""
 
-    def __init__(self, args: dict, slot=None, timeout_s: float | None = None):
+    def __init__(self, args: dict, slot=None):
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "deployments.engine_process", str(theirs.fileno())],
@@ -60,9 +60,6 @@ class EngineProcess:
         theirs.close()
         self.conn = Connection(ours.detach())
         self.send((args, slot))
-        if timeout_s is not None and not self.conn.poll(timeout_s):
-            self.close()
-            raise EngineError(f"the engine process did not load the model within {timeout_s:.0f}s")
         kind, payload = self.recv()
         if kind == "load_error":
             self.close()

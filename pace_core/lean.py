@@ -17,7 +17,6 @@ through :class:`pace_core.runner.CausalLMRunner` with the same interface.
 from __future__ import annotations
 
 import importlib
-
 import logging
 
 import torch
