@@ -76,3 +76,15 @@ def test_replica_overhead_smoke(tmp_path):
     ratios = out["engine_tpot_in_replica_over_in_process"]
     assert out["pairs"] == 2 and set(ratios) == {"streamed", "not streamed"}
     assert all(r > 0 for r in ratios.values())
+
+
+def test_forward_profile_smoke():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "forward_profile.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [r["tokens"] for r in rows] == [1, 9, 1, 9]  # target and draft
+    for r in rows:
+        assert r["forward_python_ms"] > 0 and r["gemms_only_ms"] > 0
+        if r["native_available"]:
+            assert r["forward_native_ms"] > 0
