@@ -123,6 +123,7 @@ def _describe(model, pinned: dict) -> dict:
         "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
         "membind": pinned.get("membind"),
+        "priority": pinned.get("priority"),
     }
 
 
@@ -169,6 +170,26 @@ def _serve_request(model, conn: Connection, request: dict) -> None:
     conn.send(("end", error))
 
 
+def raise_priority() -> str:
+    """Run at normal priority. Ray starts its workers at niceness 15 (its
+    ``RAY_worker_niceness``), which the engine would inherit from the replica: then any
+    normal-priority process waking on the engine's cores (Ray's GCS and raylet, the
+    HTTP clients on the same host) preempts the decoding loop. Lowering niceness needs
+    root or CAP_SYS_NICE; otherwise start Ray with ``RAY_worker_niceness=0``."""
+    if not hasattr(os, "getpriority"):
+        return "unchanged (no getpriority on this OS)"
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice <= 0:
+        return f"niceness {nice}"
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+        return f"niceness {nice} -> 0"
+    except OSError as err:
+        logger.warning("the engine runs at niceness %d (inherited from Ray's workers) and cannot lower it (%s): "
+                       "start Ray with RAY_worker_niceness=0 for normal priority", nice, err.strerror)
+        return f"niceness {nice} (cannot lower it: start Ray with RAY_worker_niceness=0)"
+
+
 def main(fd: int) -> None:
     if sys.platform.startswith("linux"):  # die with the replica, whatever kills it
         import ctypes
@@ -177,12 +198,12 @@ def main(fd: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(process)d %(levelname)s %(message)s")
     conn = Connection(fd)
     args, slot = conn.recv()
-    pinned: dict = {}
+    pinned: dict = {"priority": raise_priority()}
     try:
         if slot is not None:
             from pace_core.numa import pin_to_slot
 
-            pinned = pin_to_slot(slot)  # before loading: first touch places the weights in the slot's memory
+            pinned.update(pin_to_slot(slot))  # before loading: first touch places the weights in the slot's memory
         model = load_model(args)
     except Exception as err:
         conn.send(("load_error", f"{type(err).__name__}: {err}"))
