@@ -6,12 +6,14 @@ argument fails at deploy time with a message naming the field.
     serve.run(build_app(AppArgs(target="models/demo-target", num_replicas=2)), name="pace")
 """
 import logging
+import os
 
 from ray.serve import Application
 
 from pace_core.loading import ModelLoadError, resolve_model_path
 from pace_core.numa import SLOT_RESOURCE
 
+from . import REPLICA_ENV
 from .args import AppArgs
 from .replica import LLMReplica
 from .router import Router
@@ -44,7 +46,8 @@ def build_app(args: AppArgs) -> Application:
                 raise ValueError(f"{field}: {err}") from None
     replica_args = {**args.model_dump(exclude={"api_key", "autoscaling"}), **resolved}
 
-    actor_options: dict = {"num_cpus": args.cores_per_slot or 1}
+    runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in REPLICA_ENV.items()}}
+    actor_options: dict = {"num_cpus": args.cores_per_slot or 1, "runtime_env": runtime_env}
     if _slot_resource_wanted(args):
         actor_options["resources"] = {SLOT_RESOURCE: 1}
     else:
@@ -55,7 +58,8 @@ def build_app(args: AppArgs) -> Application:
     else:
         scaling = {"num_replicas": args.num_replicas}
     replica = LLMReplica.options(ray_actor_options=actor_options, **scaling).bind(replica_args)
-    return Router.bind(replica, args.model_dump())
+    router = Router.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
+    return router.bind(replica, args.model_dump())
 
 
 app = build_app  # `serve run deployments.app:app target=...` also works

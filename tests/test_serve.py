@@ -257,6 +257,22 @@ def test_client_disconnect_stops_generation_within_a_step(server):
     assert 2 <= cancelled < 120, cancelled  # stopped long before its 480 tokens
 
 
+def test_replicas_run_serve_on_one_loop_and_the_engine_at_normal_priority(server):
+    """build_app sets Serve's one-event-loop flags on both deployments' processes
+    (deployments.REPLICA_ENV), and the engine process leaves Ray's worker niceness."""
+    from ray import serve
+
+    from deployments import REPLICA_ENV
+
+    info = serve.get_app_handle("one").info.remote().result(timeout_s=60)
+    environ = dict(line.split("=", 1) for line in
+                   Path(f"/proc/{info['replica']['replica_pid']}/environ").read_text().split("\0") if "=" in line)
+    assert {k: environ.get(k) for k in REPLICA_ENV} == REPLICA_ENV
+    assert info["replica"]["priority"].startswith("niceness")
+    if "-> 0" in info["replica"]["priority"]:
+        assert os.getpriority(os.PRIO_PROCESS, info["replica"]["pid"]) == 0
+
+
 def test_handle_calls(server, engine):
     from ray import serve
 
