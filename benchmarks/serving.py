@@ -89,8 +89,30 @@ async def closed_loop(url, model, prompts, concurrency, num_requests, max_tokens
         "throughput_tok_s": sum(r["tokens"] for r in ok) / wall, "requests_per_s": len(ok) / wall,
         "ttft_ms_p50": 1000 * pct([r["ttft"] for r in ok], 0.5), "ttft_ms_p90": 1000 * pct([r["ttft"] for r in ok], 0.9),
         "tpot_ms_p50": 1000 * pct(tpot, 0.5), "tpot_ms_p90": 1000 * pct(tpot, 0.9),
+        "tokens": sum(r["tokens"] for r in ok), "chunks": sum(len(r["gaps"]) + 1 for r in ok if r["tpot"] is not None),
         "latency_s_p50": pct([r["latency"] for r in ok], 0.5), "latency_s_p90": pct([r["latency"] for r in ok], 0.9),
     }
+
+
+def cpu_seconds_by_role() -> dict[str, float]:
+    """CPU seconds used so far by this host's serving processes, by role (Linux /proc;
+    empty elsewhere): where a streamed chunk's CPU goes, next to the engine's own."""
+    roles = [("engine", "deployments.engine_process"), ("replica (Serve side)", "LLMReplica"),
+             ("router", ":Router"), ("proxy", "ProxyActor"), ("Ray control plane", "ray::"), ("Ray control plane", "/ray/")]
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    totals: dict[str, float] = {}
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        role = "load generator" if int(pid) == os.getpid() else next((r for r, key in roles if key in cmd), None)
+        if role:
+            totals[role] = totals.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return {role: totals[role] for role in dict.fromkeys([r for r, _ in roles] + ["load generator"]) if role in totals}
 
 
 def wait_ready(url: str, timeout: float = 300, proc=None) -> str:
@@ -244,8 +266,12 @@ def main(argv=None) -> int:
             model = args.model or wait_ready(args.url, proc=proc)
             asyncio.run(closed_loop(args.url, model, prompts, 1, 2, args.max_tokens, headers))  # warm-up
             for c in levels:
+                cpu0 = cpu_seconds_by_role() if proc is not None else {}
                 row = asyncio.run(closed_loop(args.url, model, prompts, c, max(args.requests, c), args.max_tokens, headers))
                 row["replicas"] = replicas
+                if cpu0 and row["chunks"]:  # a server launched here: its processes are on this host
+                    cpu1 = cpu_seconds_by_role()
+                    row["cpu_ms_per_chunk"] = {k: 1000 * (v - cpu0.get(k, 0.0)) / row["chunks"] for k, v in cpu1.items()}
                 rows.append(row)
                 print(f"  replicas={replicas} concurrency={c}: {row['throughput_tok_s']:.1f} tok/s, "
                       f"TTFT p50 {row['ttft_ms_p50']:.1f} ms, TPOT p50 {row['tpot_ms_p50']:.2f} ms, "
@@ -274,6 +300,15 @@ def write_outputs(out: Path, rows, in_proc, args) -> None:
         lines.append(f"| {r['replicas'] or '-'} | {r['concurrency']} | {r['ok']}/{r['requests']} | "
                      f"{fmt(r['throughput_tok_s'])} | {fmt(r['ttft_ms_p50'])} | {fmt(r['ttft_ms_p90'])} | "
                      f"{fmt(r['tpot_ms_p50'], '.2f')} | {fmt(r['tpot_ms_p90'], '.2f')} |")
+    cpu_rows = [r for r in rows if r.get("cpu_ms_per_chunk")]
+    if cpu_rows:
+        roles = list(cpu_rows[0]["cpu_ms_per_chunk"])
+        lines += ["", "CPU ms per streamed chunk, by process role (this host's /proc, over each level's requests):", "",
+                  "| replicas | concurrency | tokens/chunk | " + " | ".join(roles) + " |",
+                  "|---:|---:|---:|" + "---:|" * len(roles)]
+        for r in cpu_rows:
+            lines.append(f"| {r['replicas']} | {r['concurrency']} | {r['tokens'] / r['chunks']:.1f} | "
+                         + " | ".join(f"{r['cpu_ms_per_chunk'].get(k, 0.0):.2f}" for k in roles) + " |")
     if in_proc:
         p = in_proc
         where = f"pinned to CPU(s) {p['pinned_cpus']}, the replica's" if p["pinned_cpus"] else "unpinned"

@@ -39,6 +39,9 @@ def test_serving_benchmark_smoke(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert [r["concurrency"] for r in result["rows"]] == [1, 2]
     assert all(r["ok"] == r["requests"] and r["throughput_tok_s"] > 0 for r in result["rows"])
+    if sys.platform.startswith("linux"):  # CPU per streamed chunk by process role, from /proc
+        cpu = result["rows"][0]["cpu_ms_per_chunk"]
+        assert {"engine", "router", "proxy", "load generator"} <= set(cpu) and cpu["engine"] > 0
     paired = result["in_process"]
     assert paired["pairs"] == 3 and paired["in_process_tpot_ms_p50"] > 0 and paired["http_tpot_ms_p50"] > 0
     assert paired["tpot_ratio_p50"] > 0
