@@ -37,6 +37,10 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     os.environ.setdefault("RAY_DASHBOARD_ENABLED", "0")
+    from deployments import NODE_ENV
+
+    for key, value in NODE_ENV.items():  # as the README's serve command
+        os.environ.setdefault(key, value)
     import ray
     from ray import serve
 

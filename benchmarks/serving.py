@@ -143,9 +143,11 @@ def launch(config: dict, replicas: int, port: int):
     app["args"].pop("autoscaling", None)
     path = Path(tempfile.mkdtemp(prefix="pace-serving-")) / "serve_config.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    # as the README's command: Serve's proxy -> router hop over gRPC (set the variable
-    # to 0 in the benchmark's environment to measure without)
-    env = {"RAY_SERVE_PROXY_USE_GRPC": "1", **os.environ, "RAY_DASHBOARD_ENABLED": "0"}
+    # as the README's command: deployments.NODE_ENV (a value set in the benchmark's
+    # environment wins, e.g. RAY_worker_niceness=15 to measure without)
+    from deployments import NODE_ENV
+
+    env = {**NODE_ENV, **os.environ, "RAY_DASHBOARD_ENABLED": "0"}
     log = open(path.with_suffix(".log"), "w")
     proc = subprocess.Popen(["serve", "run", str(path)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)

@@ -23,7 +23,7 @@ import shlex
 import subprocess
 import sys
 
-from deployments import PROXY_GRPC_ENV
+from deployments import NODE_ENV
 from pace_core.topology import (
     CORES_PER_SLOT_ENV,
     TOPOLOGY_ENV,
@@ -86,8 +86,8 @@ def node_env(cores_per_slot: int | None = None) -> dict[str, str]:
     for var in (TOPOLOGY_ENV, "PACE_SLOT_DIR"):
         if os.environ.get(var):
             env[var] = os.environ[var]
-    # Serve's HTTP proxy talks to the router over gRPC (see deployments.PROXY_GRPC_ENV)
-    env[PROXY_GRPC_ENV] = os.environ.get(PROXY_GRPC_ENV, "1")
+    # Serve's HTTP proxy over gRPC, Ray's workers at normal priority (deployments.NODE_ENV)
+    env.update({k: os.environ.get(k, v) for k, v in NODE_ENV.items()})
     return env
 
 

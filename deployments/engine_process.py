@@ -25,6 +25,8 @@ import subprocess
 import sys
 from multiprocessing.connection import Connection
 
+from . import NICENESS_ENV
+
 logger = logging.getLogger("ray.serve")
 
 USER_ERRORS = (ValueError,)  # RequestError, pydantic ValidationError and ModelLoadError are ValueErrors
@@ -170,24 +172,19 @@ def _serve_request(model, conn: Connection, request: dict) -> None:
     conn.send(("end", error))
 
 
-def raise_priority() -> str:
-    """Run at normal priority. Ray starts its workers at niceness 15 (its
-    ``RAY_worker_niceness``), which the engine would inherit from the replica: then any
-    normal-priority process waking on the engine's cores (Ray's GCS and raylet, the
-    HTTP clients on the same host) preempts the decoding loop. Lowering niceness needs
-    root or CAP_SYS_NICE; otherwise start Ray with ``RAY_worker_niceness=0``."""
+def check_priority() -> str:
+    """The engine's niceness, inherited from its replica. Ray starts workers at
+    niceness 15 unless Ray itself was started with ``RAY_worker_niceness=0`` (the README's
+    serve command and ``python -m cluster.start_node`` do it): at 15, every
+    normal-priority process waking on the engine's cores (Ray's GCS and raylet, clients
+    on the same host) preempts the decoding loop."""
     if not hasattr(os, "getpriority"):
-        return "unchanged (no getpriority on this OS)"
+        return "unknown"
     nice = os.getpriority(os.PRIO_PROCESS, 0)
-    if nice <= 0:
-        return f"niceness {nice}"
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
-        return f"niceness {nice} -> 0"
-    except OSError as err:
-        logger.warning("the engine runs at niceness %d (inherited from Ray's workers) and cannot lower it (%s): "
-                       "start Ray with RAY_worker_niceness=0 for normal priority", nice, err.strerror)
-        return f"niceness {nice} (cannot lower it: start Ray with RAY_worker_niceness=0)"
+    if nice > 0:
+        logger.warning("the engine runs at niceness %d, inherited from Ray's workers: start Ray with %s=0 "
+                       "(README, Serving) so that other processes do not preempt decoding", nice, NICENESS_ENV)
+    return f"niceness {nice}"
 
 
 def main(fd: int) -> None:
@@ -198,7 +195,7 @@ def main(fd: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(process)d %(levelname)s %(message)s")
     conn = Connection(fd)
     args, slot = conn.recv()
-    pinned: dict = {"priority": raise_priority()}
+    pinned: dict = {"priority": check_priority()}
     try:
         if slot is not None:
             from pace_core.numa import pin_to_slot

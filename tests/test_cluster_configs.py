@@ -92,7 +92,9 @@ def test_rayservice_shape(rayservice):
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["PACE_CORES_PER_SLOT"] == "0"
     head_env = {e["name"]: e["value"] for e in head["template"]["spec"]["containers"][0]["env"]}
-    assert env["RAY_SERVE_PROXY_USE_GRPC"] == head_env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
+    from deployments import NODE_ENV
+
+    assert all(env[k] == head_env[k] == v for k, v in NODE_ENV.items())
 
 
 def _serve_app(rayservice):
