@@ -86,7 +86,7 @@ def node_env(cores_per_slot: int | None = None) -> dict[str, str]:
     for var in (TOPOLOGY_ENV, "PACE_SLOT_DIR"):
         if os.environ.get(var):
             env[var] = os.environ[var]
-    # Serve's HTTP proxy over gRPC, Ray's workers at normal priority (deployments.NODE_ENV)
+    # Serve's HTTP proxy talks to the router over gRPC (deployments.NODE_ENV)
     env.update({k: os.environ.get(k, v) for k, v in NODE_ENV.items()})
     return env
 

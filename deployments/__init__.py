@@ -2,15 +2,14 @@
 
 # NODE_ENV belongs in the environment Ray starts from: `python -m cluster.start_node`,
 # the KubeRay config and the README's serve command set it (a value already in the
-# environment wins). Measured in README, Serving:
-# - RAY_SERVE_PROXY_USE_GRPC=1: Serve's HTTP proxy streams to the router over gRPC
-#   instead of Ray's object transport (HTTP TPOT overhead +4..10% instead of +11..12%);
-# - RAY_worker_niceness=0: Ray starts its workers, so our replicas and engines, at
-#   normal priority instead of niceness 15, so Ray's own processes and local clients do
-#   not preempt decoding (2 replicas, concurrency 2: 526 instead of 410 tokens/s).
+# environment wins): Serve's HTTP proxy streams to the router over gRPC instead of Ray's
+# object transport (HTTP TPOT overhead +4..10% instead of +11..12%: README, Serving).
 PROXY_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
+NODE_ENV = {PROXY_GRPC_ENV: "1"}
+
+# Ray starts its workers at niceness 15 unless Ray is started with this set; the engine
+# process raises itself back to 0 when it may (deployments.engine_process.raise_priority).
 NICENESS_ENV = "RAY_worker_niceness"
-NODE_ENV = {PROXY_GRPC_ENV: "1", NICENESS_ENV: "0"}
 
 # Serve runs a replica's user code and its outgoing handle calls on event loops of their
 # own threads by default; both our deployments are fully async, so they run on the

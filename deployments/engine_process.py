@@ -172,19 +172,26 @@ def _serve_request(model, conn: Connection, request: dict) -> None:
     conn.send(("end", error))
 
 
-def check_priority() -> str:
-    """The engine's niceness, inherited from its replica. Ray starts workers at
-    niceness 15 unless Ray itself was started with ``RAY_worker_niceness=0`` (the README's
-    serve command and ``python -m cluster.start_node`` do it): at 15, every
+def raise_priority() -> str:
+    """Decode at normal priority. Ray starts its workers (our replicas, hence their
+    engines) at niceness 15 unless told otherwise (``RAY_worker_niceness``): there, any
     normal-priority process waking on the engine's cores (Ray's GCS and raylet, clients
-    on the same host) preempts the decoding loop."""
+    on the same host) preempts the decoding loop. The engine returns to niceness 0 when
+    allowed (root or CAP_SYS_NICE) while the rest of Serve keeps Ray's niceness;
+    otherwise a warning names the fix."""
     if not hasattr(os, "getpriority"):
         return "unknown"
     nice = os.getpriority(os.PRIO_PROCESS, 0)
-    if nice > 0:
-        logger.warning("the engine runs at niceness %d, inherited from Ray's workers: start Ray with %s=0 "
-                       "(README, Serving) so that other processes do not preempt decoding", nice, NICENESS_ENV)
-    return f"niceness {nice}"
+    if nice <= 0:
+        return f"niceness {nice}"
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+        return f"niceness {nice} -> 0"
+    except OSError as err:
+        logger.warning("the engine runs at niceness %d, inherited from Ray's workers, and may not lower it (%s): "
+                       "start Ray with %s=0 (README, Serving) so that other processes do not preempt decoding",
+                       nice, err.strerror, NICENESS_ENV)
+        return f"niceness {nice}"
 
 
 def main(fd: int) -> None:
@@ -195,7 +202,7 @@ def main(fd: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(process)d %(levelname)s %(message)s")
     conn = Connection(fd)
     args, slot = conn.recv()
-    pinned: dict = {"priority": check_priority()}
+    pinned: dict = {"priority": raise_priority()}
     try:
         if slot is not None:
             from pace_core.numa import pin_to_slot

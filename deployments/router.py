@@ -92,8 +92,8 @@ class Router:
         missing = " ".join(f"{k}={v}" for k, v in NODE_ENV.items() if os.environ.get(k) != v)
         if missing:
             logger.info("tip: start Ray with %s (`%s serve run serve_config.yaml`, or `python -m cluster.start_node`): "
-                        "Serve's HTTP proxy then streams over gRPC and the engines run at normal priority, which "
-                        "measurably lowers per-token latency (README, Serving)", missing, missing)
+                        "Serve's HTTP proxy then streams to this router over gRPC, which measurably lowers "
+                        "per-token HTTP overhead (README, Serving)", missing, missing)
 
     # ------------------------------------------------------------------ plumbing
     def _check_auth(self, request: Request) -> None:
