@@ -144,7 +144,7 @@ def launch(config: dict, replicas: int, port: int):
     path = Path(tempfile.mkdtemp(prefix="pace-serving-")) / "serve_config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     # as the README's command: deployments.NODE_ENV (a value set in the benchmark's
-    # environment wins, e.g. RAY_worker_niceness=15 to measure without)
+    # environment wins, e.g. RAY_SERVE_PROXY_USE_GRPC=0 to measure without)
     from deployments import NODE_ENV
 
     env = {**NODE_ENV, **os.environ, "RAY_DASHBOARD_ENABLED": "0"}
