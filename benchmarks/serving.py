@@ -97,8 +97,8 @@ async def closed_loop(url, model, prompts, concurrency, num_requests, max_tokens
 def cpu_seconds_by_role() -> dict[str, float]:
     """CPU seconds used so far by this host's serving processes, by role (Linux /proc;
     empty elsewhere): where a streamed chunk's CPU goes, next to the engine's own."""
-    roles = [("engine", "deployments.engine_process"), ("replica (Serve side)", "LLMReplica"),
-             ("router", ":Router"), ("proxy", "ProxyActor"), ("Ray control plane", "ray::"), ("Ray control plane", "/ray/")]
+    roles = {"engine": ("deployments.engine_process",), "replica (Serve side)": ("LLMReplica",),
+             "router": (":Router",), "proxy": ("ProxyActor",), "Ray control plane": ("ray::", "/ray/")}
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     totals: dict[str, float] = {}
     for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
@@ -109,10 +109,11 @@ def cpu_seconds_by_role() -> dict[str, float]:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        role = "load generator" if int(pid) == os.getpid() else next((r for r, key in roles if key in cmd), None)
+        role = "load generator" if int(pid) == os.getpid() else next(
+            (r for r, keys in roles.items() if any(key in cmd for key in keys)), None)
         if role:
             totals[role] = totals.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-    return {role: totals[role] for role in dict.fromkeys([r for r, _ in roles] + ["load generator"]) if role in totals}
+    return {role: totals[role] for role in [*roles, "load generator"] if role in totals}
 
 
 def wait_ready(url: str, timeout: float = 300, proc=None) -> str:

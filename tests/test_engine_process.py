@@ -66,8 +66,6 @@ def test_engine_process_load_error_names_the_problem(tmp_path):
         EngineProcess({"target": str(tmp_path)})  # a directory without a model
 
 
-
-
 def test_engine_raises_its_priority_from_rays_worker_niceness():
     """Ray starts workers at niceness 15, inherited by the engine process: the engine
     returns to normal priority when allowed (root / CAP_SYS_NICE)."""
