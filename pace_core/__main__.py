@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=None,
+                   help="0: greedy; > 0 samples (default: the model's generation_config.json, else greedy)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (the same output every time)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
@@ -55,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             pard = PardSpecDecodeConfig(model_name_or_path=args.draft, pard_token=args.pard_token,
                                         num_speculative_tokens=args.num_speculative_tokens,
                                         speculation_schedule=args.speculation_schedule)
-        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  stop=args.stop, ignore_eos=args.ignore_eos)
+        given = {k: v for k, v in (("temperature", args.temperature), ("seed", args.seed)) if v is not None}
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
+                                  **given)
         t0 = time.perf_counter()
         model = LLMModel(args.target, dtype=args.dtype, pard_config=pard, tokenizer_name_or_path=args.tokenizer,
                          num_threads=args.threads)

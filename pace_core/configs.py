@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SPECULATIVE_TOKENS = 32
 DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: the checkpoint's own dtype
+MAX_LOGPROBS = 5  # most likely alternatives returned per token, as OpenAI's completions API
 
 
 class PardSpecDecodeConfig(BaseModel):
@@ -68,20 +69,50 @@ class PardSpecDecodeConfig(BaseModel):
 
 
 class SamplingConfig(BaseModel):
-    """How to generate: length, stopping rules and (for plain decoding) sampling."""
+    """How to generate: length, stopping rules, sampling and its logits processors.
+
+    ``temperature`` 0 is greedy decoding; above 0 tokens are sampled, with or without a
+    PARD draft (speculative sampling: the output is distributed exactly as sampling from
+    the target alone, see :mod:`pace_core.sampling`). Fields a request leaves unset take
+    the model's defaults from its ``generation_config.json`` (:meth:`with_defaults`).
+
+    AMD PACE's names work too: ``sampling_seed`` (= ``seed``), ``stop_strings``
+    (= ``stop``), ``min_new_tokens`` (vLLM: ``min_tokens``), ``do_sample`` and
+    ``return_logprobs`` (= ``logprobs=0``). ``do_sample=False`` is greedy and
+    ``do_sample=True`` samples (at the model's temperature, else 1.0); one that
+    contradicts an explicit ``temperature`` is an error.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int = 128
+    min_new_tokens: int = Field(0, validation_alias=AliasChoices("min_new_tokens", "min_tokens"))
+    do_sample: bool | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # transformers': logits of prompt and output tokens divided (or, < 0, multiplied)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token the output already has
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the output
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100..100)
+    seed: int | None = Field(None, validation_alias=AliasChoices("seed", "sampling_seed"))
+    logprobs: int | None = None  # None: none; 0: each chosen token's; n: also the n most likely (<= MAX_LOGPROBS)
     return_text: bool = True
-    stop: list[str] | None = None
+    stop: list[str] | None = Field(None, validation_alias=AliasChoices("stop", "stop_strings"))
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _return_logprobs(cls, data: Any) -> Any:
+        """AMD PACE's ``return_logprobs=True``: the chosen tokens' logprobs (``logprobs=0``)."""
+        if isinstance(data, dict) and "return_logprobs" in data:
+            data = dict(data)
+            if data.pop("return_logprobs") and data.get("logprobs") is None:
+                data["logprobs"] = 0
+        return data
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -90,10 +121,17 @@ class SamplingConfig(BaseModel):
             raise ValueError(f"max_new_tokens must be >= 1 (got {v})")
         return v
 
+    @field_validator("min_new_tokens")
+    @classmethod
+    def _min_new(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"min_new_tokens must be >= 0 (got {v})")
+        return v
+
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, v: float) -> float:
-        if v < 0:
+        if not v >= 0:
             raise ValueError(f"temperature must be >= 0 (got {v}); 0 means greedy")
         return v
 
@@ -111,6 +149,45 @@ class SamplingConfig(BaseModel):
             raise ValueError(f"top_k must be >= 0 (got {v}); 0 disables it")
         return v
 
+    @field_validator("min_p")
+    @classmethod
+    def _min_p(cls, v: float) -> float:
+        if not 0 <= v <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (got {v}); 0 disables it")
+        return v
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _repetition_penalty(cls, v: float) -> float:
+        if not 0 < v < float("inf"):
+            raise ValueError(f"repetition_penalty must be > 0 (got {v}); 1 disables it")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _openai_penalty(cls, v: float, info) -> float:
+        if not -2 <= v <= 2:
+            raise ValueError(f"{info.field_name} must be in [-2, 2] (got {v}); 0 disables it")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (v or {}).items():
+            if token < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0 (got {token})")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100] (got {bias} for token {token})")
+        return v or None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in 0..{MAX_LOGPROBS} (got {v}): how many most likely tokens to "
+                             "return besides the chosen one; None for no logprobs")
+        return v
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, v: Any) -> Any:
@@ -124,9 +201,38 @@ class SamplingConfig(BaseModel):
             raise ValueError("stop strings must not be empty")
         return list(v) or None
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "SamplingConfig":
+        given = self.model_fields_set
+        if self.do_sample is False and self.temperature > 0:
+            raise ValueError(f"do_sample=False (greedy) contradicts temperature={self.temperature}: "
+                             "drop one of them (do_sample=True, or no do_sample, samples)")
+        if self.do_sample and "temperature" in given and self.temperature == 0:
+            raise ValueError("do_sample=True contradicts temperature=0 (greedy): drop one of them")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be <= "
+                             f"max_new_tokens ({self.max_new_tokens})")
+        return self
+
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.do_sample is False or (self.temperature == 0.0 and not self.do_sample)
+
+    def with_defaults(self, defaults: dict[str, Any]) -> "SamplingConfig":
+        """The settings this request runs with: the fields it sets, ``defaults`` (a
+        model's ``generation_config.json``, see :func:`pace_core.loading.sampling_defaults`)
+        for the sampling fields it leaves unset, the built-in defaults for the rest.
+        ``do_sample=False`` keeps only the defaults greedy decoding uses too
+        (repetition_penalty), as in transformers; ``do_sample=True`` without a temperature
+        samples at the default temperature, else 1.0. The result has no ``do_sample``:
+        its temperature says greedy (0) or sampling."""
+        given = self.model_dump(include=self.model_fields_set - {"do_sample"})
+        if self.do_sample is False:
+            defaults = {k: v for k, v in defaults.items() if k == "repetition_penalty"}
+        fields = {**defaults, **given}
+        if self.do_sample and "temperature" not in fields:
+            fields["temperature"] = 1.0
+        return SamplingConfig(**fields)
 
 
 class ModelConfig(BaseModel):
@@ -143,6 +249,8 @@ class ModelConfig(BaseModel):
     num_threads: int | None = Field(default=None, ge=1)
     # "auto": the lean Llama-family forward where it applies, else transformers' own
     runner: Literal["auto", "lean", "transformers"] = "auto"
+    # sampling fields of generation_config.json are the defaults of requests that leave them unset
+    generation_config_defaults: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

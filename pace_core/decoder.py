@@ -9,24 +9,26 @@ Each step:
      position, then the target's own choice is appended (the correction, or the bonus
      token when all K were kept);
   4. the target's cache is trimmed to the accepted length.
-So every step emits 1..K+1 tokens, exactly the target's own greedy output.
+So every step emits 1..K+1 tokens, exactly the target's own greedy output. When
+sampling, step 3 is speculative sampling instead and the output is distributed exactly
+as sampling from the target alone; the choices (and the logits processors behind them)
+belong to the request's :class:`~pace_core.sampling.Sampler`.
 
 With ``adaptive=True`` K is a cap: after a step that kept every proposal the next
 step proposes twice as many (up to K), otherwise two more than were kept. Verify
 positions the draft was unlikely to get right are not paid for, and the output is
-unchanged (the draft is causal: its first j proposals do not depend on K).
+unchanged (the draft is causal: its first j proposals do not depend on K); when
+sampling, its distribution is (the random draws, and so a seed's tokens, differ with K).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
-import torch
-
+from .configs import SamplingConfig
 from .runner import CausalLMRunner
-
-Chooser = Callable[[torch.Tensor], list[int]]  # logits (n, vocab) -> n token ids
+from .sampling import Sampler, TokenLogprobs
 
 
 @dataclass
@@ -35,17 +37,14 @@ class Step:
     num_proposed: int
     draft_s: float
     target_s: float
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asks for them
 
 
-def greedy(logits: torch.Tensor) -> list[int]:
-    return logits.argmax(dim=-1).tolist()
-
-
-def propose(draft: CausalLMRunner, unseen: list[int], k: int, pard_token: int) -> list[int]:
+def propose(draft: CausalLMRunner, unseen: list[int], k: int, pard_token: int, sampler: Sampler) -> list[int]:
     """K draft tokens from one forward pass over ``unseen`` + K-1 PARD tokens."""
     logits = draft.forward(unseen + [pard_token] * (k - 1), num_logits=k)
     draft.crop(k - 1)  # the draft's cache keeps real tokens only
-    return greedy(logits)
+    return sampler.propose(logits)
 
 
 def next_k(k_max: int, proposed: int, kept: int) -> int:
@@ -61,11 +60,13 @@ def decode(
     draft: CausalLMRunner | None = None,
     k: int = 0,
     pard_token: int | None = None,
-    choose: Chooser = greedy,
+    sampler: Sampler | None = None,
     adaptive: bool = False,
 ) -> Iterator[Step]:
-    """Yield the tokens accepted at each step until ``max_new_tokens`` are produced.
-    The caller stops early (EOS, stop strings) simply by not asking for more."""
+    """Yield the tokens accepted at each step until ``max_new_tokens`` are produced
+    (greedy unless a ``sampler`` says otherwise). The caller stops early (EOS, stop
+    strings) simply by not asking for more."""
+    sampler = sampler or Sampler(SamplingConfig(), prompt_ids, target.vocab_limit)
     target.reset()
     if draft is not None:
         draft.reset()
@@ -77,13 +78,11 @@ def decode(
         t0 = t1 = time.perf_counter()
         proposal = []
         if k_step:
-            proposal, draft_unseen = propose(draft, draft_unseen, k_step, pard_token), []
+            proposal, draft_unseen = propose(draft, draft_unseen, k_step, pard_token, sampler), []
             t1 = time.perf_counter()
-        choices = choose(target.forward(target_unseen + proposal, num_logits=k_step + 1))
-        n = 0
-        while n < k_step and proposal[n] == choices[n]:
-            n += 1
-        accepted = proposal[:n] + [choices[n]]
+        logits = target.forward(target_unseen + proposal, num_logits=k_step + 1)
+        accepted, logprobs = sampler.verify(logits, proposal)
+        n = len(accepted) - 1  # proposals kept
         target.crop(k_step - n)  # drop the rejected proposals
         t2 = time.perf_counter()
         if adaptive:
@@ -91,4 +90,4 @@ def decode(
         target_unseen = accepted[-1:]
         draft_unseen += accepted
         produced += len(accepted)
-        yield Step(accepted, k_step, t1 - t0, t2 - t1)
+        yield Step(accepted, k_step, t1 - t0, t2 - t1, logprobs)

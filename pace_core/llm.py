@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .configs import ModelConfig, PardSpecDecodeConfig, SamplingConfig
-from .decoder import decode, greedy
+from .decoder import decode
 from .loading import (
     ModelLoadError,
     check_same_tokenizer,
@@ -18,9 +18,11 @@ from .loading import (
     load_causal_lm,
     load_tokenizer,
     read_pard_token,
+    sampling_defaults,
     stop_token_ids,
 )
 from .runner import make_runner
+from .sampling import Sampler
 from .stopping import OutputBuilder
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class StreamChunk:
     text: str  # new text (UTF-8 safe; empty when return_text=False)
     finish_reason: str | None  # "stop" / "length" on the last chunk
     stats: GenerationStats  # running stats (final on the last chunk)
+    logprobs: list[dict] | None = None  # per token, when asked (SamplingConfig.logprobs): see LLMModel
 
 
 @dataclass
@@ -81,6 +84,7 @@ class GenerationOutput:
     finish_reason: str
     prompt_token_ids: list[int]
     stats: GenerationStats
+    logprobs: list[dict] | None = None  # per token, when asked (SamplingConfig.logprobs): see LLMModel
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -93,6 +97,14 @@ class LLMModel:
     >>> model = LLMModel("path/to/target", dtype="float32",
     ...                  pard_config=PardSpecDecodeConfig(model_name_or_path="path/to/draft"))
     >>> model.generate("def fib(n):", SamplingConfig(max_new_tokens=32)).text
+
+    Sampling fields a request leaves unset take the checkpoint's defaults from its
+    ``generation_config.json`` (``model.sampling_defaults``), as transformers and vLLM do;
+    ``generation_config_defaults=False`` turns that off. With ``SamplingConfig(logprobs=n)``
+    each output token comes with ``{"token_id", "token", "logprob", "top_logprobs":
+    [{"token_id", "token", "logprob"}, ...n]}`` under the target's processed distribution
+    (penalties, bias, temperature and truncation applied; with temperature 0 the penalized
+    logits at temperature 1); a token the processors removed reports -9999.
     """
 
     def __init__(
@@ -105,6 +117,7 @@ class LLMModel:
         num_threads: int | None = None,
         runner: str = "auto",
         spec_config: PardSpecDecodeConfig | None = None,  # AMD PACE's name for pard_config
+        generation_config_defaults: bool = True,
     ):
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
@@ -118,6 +131,7 @@ class LLMModel:
             trust_remote_code=trust_remote_code,
             num_threads=num_threads,
             runner=runner,
+            generation_config_defaults=generation_config_defaults,
         )
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -128,6 +142,13 @@ class LLMModel:
         self.target = make_runner(target, cfg.runner)
         self.stop_token_ids = stop_token_ids(target, self.tokenizer)
         self.max_context = context_length(target.config)
+        # the sampling fields of generation_config.json: defaults of requests that leave them unset
+        self.sampling_defaults = {}
+        if cfg.generation_config_defaults:
+            self.sampling_defaults = sampling_defaults(getattr(target, "generation_config", None), cfg.model_name_or_path)
+        if self.sampling_defaults:
+            logger.info("sampling defaults from %s's generation_config.json: %s", cfg.model_name_or_path,
+                        self.sampling_defaults)
         self.draft = None  # a runner like self.target, when a PARD draft is configured
         self.draft_context: int | None = None
         self.pard_token: int | None = None
@@ -203,19 +224,21 @@ class LLMModel:
             ids = ids["input_ids"]
         return list(ids)
 
-    def check_request(self, prompt_ids: list[int], sampling: SamplingConfig) -> None:
-        """Raise RequestError for what this model cannot do, before any work."""
+    def check_request(self, prompt_ids: list[int], sampling: SamplingConfig) -> SamplingConfig:
+        """Raise RequestError for what this model cannot do, before any work; return the
+        settings the request runs with (the model's defaults for the fields it leaves unset)."""
+        sampling = sampling.with_defaults(self.sampling_defaults)
         for name, limit in (("target", self.max_context), ("draft", self.draft_context if self.draft else None)):
             if limit and len(prompt_ids) + sampling.max_new_tokens > limit:
                 raise RequestError(
                     f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the {name}'s "
                     f"context length of {limit} tokens: shorten the prompt or lower max_new_tokens"
                 )
-        if not sampling.greedy and self.draft is not None:
-            raise RequestError(
-                f"temperature={sampling.temperature}: PARD speculative decoding is greedy-only for now; "
-                "use temperature=0, or load the model without pard_config to sample"
-            )
+        vocab = self.target.vocab_limit
+        bad = [t for t in (sampling.logit_bias or {}) if t >= vocab]
+        if bad:
+            raise RequestError(f"logit_bias token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        return sampling
 
     # ---------------------------------------------------------------- generation
     def stream(self, prompt: str | Sequence[int], sampling_config: SamplingConfig | None = None) -> Iterator[StreamChunk]:
@@ -226,11 +249,12 @@ class LLMModel:
         yield from self._stream_ids(prompt_ids, sampling)
 
     def _stream_ids(self, prompt_ids: list[int], sampling: SamplingConfig) -> Iterator[StreamChunk]:
-        self.check_request(prompt_ids, sampling)
+        sampling = self.check_request(prompt_ids, sampling)
+        stop_ids = (set() if sampling.ignore_eos else self.stop_token_ids) | set(sampling.stop_token_ids or ())
         out = OutputBuilder(
             self.tokenizer,
             sampling.max_new_tokens,
-            stop_token_ids=(set() if sampling.ignore_eos else self.stop_token_ids) | set(sampling.stop_token_ids or ()),
+            stop_token_ids=stop_ids,
             stop_strings=sampling.stop,
             skip_special_tokens=sampling.skip_special_tokens,
             want_text=sampling.return_text,
@@ -238,8 +262,9 @@ class LLMModel:
         stats = GenerationStats()
         with self._lock:
             t0 = time.perf_counter()
+            sampler = Sampler(sampling, prompt_ids, self.target.vocab_limit, stop_ids)
             steps = decode(self.target, prompt_ids, sampling.max_new_tokens, self.draft,
-                           self.num_speculative_tokens, self.pard_token, self._chooser(sampling),
+                           self.num_speculative_tokens, self.pard_token, sampler,
                            adaptive=self.speculation_schedule == "adaptive")
             try:
                 for step in steps:
@@ -252,7 +277,10 @@ class LLMModel:
                     if stats.steps == 1:
                         stats.time_to_first_token_s = stats.total_time_s
                     if delta.token_ids or delta.text or delta.finish_reason:
-                        yield StreamChunk(delta.token_ids, delta.text, delta.finish_reason, stats)
+                        logprobs = None
+                        if step.logprobs is not None:  # the tokens the output kept are a prefix of the step's
+                            logprobs = self._logprob_dicts(step.logprobs[: len(delta.token_ids)])
+                        yield StreamChunk(delta.token_ids, delta.text, delta.finish_reason, stats, logprobs)
                     if delta.finish_reason:
                         return
             finally:
@@ -275,34 +303,27 @@ class LLMModel:
     def _collect(self, prompt_ids: list[int], sampling: SamplingConfig) -> GenerationOutput:
         token_ids: list[int] = []
         text: list[str] = []
+        logprobs: list[dict] = []
         chunk = None
         for chunk in self._stream_ids(prompt_ids, sampling):
             token_ids += chunk.token_ids
             text.append(chunk.text)
+            logprobs += chunk.logprobs or []
         return GenerationOutput(
             text="".join(text) if sampling.return_text else None,
             token_ids=token_ids,
             finish_reason=chunk.finish_reason,
             prompt_token_ids=prompt_ids,
             stats=chunk.stats,
+            logprobs=logprobs if chunk.logprobs is not None else None,
         )
 
-    @staticmethod
-    def _chooser(sampling: SamplingConfig):
-        if sampling.greedy:
-            return greedy
-        gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    def _logprob_dicts(self, entries) -> list[dict]:
+        """Token logprobs as plain dicts, with each token's text (its own decoding: a
+        piece of a multi-byte character shows as U+FFFD, as in vLLM)."""
+        def text(t: int) -> str:
+            return self.tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-        def sample(logits: torch.Tensor) -> list[int]:
-            logits = logits / sampling.temperature
-            if sampling.top_k:
-                kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            if sampling.top_p < 1.0:
-                sorted_p, idx = probs.sort(dim=-1, descending=True)
-                drop = sorted_p.cumsum(-1) - sorted_p > sampling.top_p
-                probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
-            return torch.multinomial(probs, 1, generator=gen).squeeze(-1).tolist()
-
-        return sample
+        return [{"token_id": t, "token": text(t), "logprob": lp,
+                 "top_logprobs": [{"token_id": a, "token": text(a), "logprob": alp} for a, alp in top]}
+                for t, lp, top in entries]

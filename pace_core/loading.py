@@ -162,3 +162,36 @@ def context_length(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def sampling_defaults(generation_config, name: str = "the model") -> dict:
+    """The sampling defaults a checkpoint ships in its ``generation_config.json`` (as
+    loaded by transformers: ``model.generation_config``), as
+    :class:`~pace_core.configs.SamplingConfig` fields. As in transformers,
+    ``repetition_penalty`` applies to greedy decoding too, while ``temperature`` (1.0 when
+    absent), ``top_k``, ``top_p`` and ``min_p`` apply only with ``do_sample: true``
+    (without it, transformers' ``generate()`` is greedy). Fields the file does not set are
+    not defaults (transformers' own fallbacks, such as top_k=50, are not applied)."""
+    from .configs import SamplingConfig
+
+    gen = generation_config
+    if gen is None:
+        return {}
+    out: dict = {}
+    if gen.repetition_penalty is not None and gen.repetition_penalty != 1.0:
+        out["repetition_penalty"] = float(gen.repetition_penalty)
+    temperature = 1.0 if gen.temperature is None else float(gen.temperature)
+    if gen.do_sample and temperature > 0:
+        out["temperature"] = temperature
+        if gen.top_k:
+            out["top_k"] = int(gen.top_k)
+        if gen.top_p is not None and gen.top_p < 1.0:
+            out["top_p"] = float(gen.top_p)
+        if gen.min_p:
+            out["min_p"] = float(gen.min_p)
+    try:
+        SamplingConfig(**out)
+    except ValueError as err:
+        raise ModelLoadError(f"{name}: generation_config.json has sampling values this engine cannot use ({err}); "
+                             "fix the file, or load with generation_config_defaults=False") from None
+    return out

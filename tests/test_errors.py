@@ -139,11 +139,6 @@ def test_over_long_prompt_is_refused_before_any_work(pard_model):
     assert pard_model.generate([3] * (ctx - 10), SamplingConfig(max_new_tokens=10, ignore_eos=True)).token_ids
 
 
-def test_temperature_with_pard_is_refused(pard_model):
-    with pytest.raises(RequestError, match="greedy-only"):
-        pard_model.generate("x", SamplingConfig(temperature=0.7))
-
-
 @pytest.mark.parametrize("prompt", ["", []])
 def test_empty_prompt(pard_model, prompt):
     with pytest.raises(RequestError, match="empty"):
