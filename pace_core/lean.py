@@ -40,20 +40,11 @@ def supports(model) -> bool:
             and all(hasattr(layers[0].mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")))
 
 
-def column_major_weights(model) -> None:
-    """Store every linear weight (out, in) transposed in memory, as a view with the same
-    shape and values. CPU GEMM/GEMV kernels read it ~30% faster for the 1..K+1-row
-    inputs of decoding (no per-call packing of the weight); no extra memory."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
-            module.weight.data = module.weight.data.t().contiguous().t()
-
-
 def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One column-major (out_total, in) weight for several linears that read the same
-    input; each linear's own weight (and bias) becomes a view into it: no extra memory,
-    and transformers' forward still sees the same values."""
-    fused = torch.cat([lin.weight.data for lin in linears], 0).t().contiguous().t()
+    """One (out_total, in) weight for several linears that read the same input; each
+    linear's own weight (and bias) becomes a view into it: no extra memory, and
+    transformers' forward still sees the same values."""
+    fused = torch.cat([lin.weight.data for lin in linears], 0)
     bias = None
     if any(lin.bias is not None for lin in linears):
         bias = torch.cat([lin.bias.data if lin.bias is not None else torch.zeros(lin.out_features, dtype=fused.dtype)
@@ -86,10 +77,18 @@ class LeanRunner:
         self.apply_rotary = modeling.apply_rotary_pos_emb
         self.max_len = getattr(cfg, "max_position_embeddings", None) or 1 << 20
         self.dtype = model.model.embed_tokens.weight.dtype
-        # q/k/v and gate/up as single GEMMs (views: no extra memory), the rest column-major
+        # q/k/v and gate/up as single GEMMs (views: no extra memory)
         self.qkv = [_fuse([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
         self.gate_up = [_fuse([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
-        column_major_weights(model)
+        # the output projection over the ids that can be emitted only (padding rows unread)
+        self.lm_head_weight = model.lm_head.weight[: self.vocab_limit]
+        self.lm_head_bias = model.lm_head.bias[: self.vocab_limit] if model.lm_head.bias is not None else None
+        # every linear through the native op when it builds: the few-rows kernel for decode
+        # steps and verifies (csrc/few_rows_linear.cpp), the library GEMM for prefill
+        self.linear = torch.ops.pace_core.linear if native.load() else F.linear
+        # up to this many new tokens, attention runs query by query like the C++ loop, so
+        # a verify computes every row exactly as a one-token step would (0: never)
+        self.few_rows = torch.ops.pace_core.few_rows_limit() if native.load() else 0
         self.capacity = 0
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
@@ -169,7 +168,7 @@ class LeanRunner:
             h = self._layers(h, cos, sin, start, end)
         h = self.model.model.norm(h[:, -num_logits:])
         self.seq_len = end
-        return self.model.lm_head(h)[0, :, : self.vocab_limit].float()
+        return self.linear(h[0], self.lm_head_weight, self.lm_head_bias).float()
 
     def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """The decoder layers in Python (the reference for csrc/llama_layers.cpp)."""
@@ -178,11 +177,12 @@ class LeanRunner:
         mask = None
         if n > 1:
             mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start)
+        query_by_query = 1 < n <= self.few_rows
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q, k, v = F.linear(x, *self.qkv[i]).split([H * D, KV * D, KV * D], dim=-1)
+            q, k, v = self.linear(x, *self.qkv[i]).split([H * D, KV * D, KV * D], dim=-1)
             q = q.view(1, n, H, D)
             k = k.view(1, n, KV, D)
             v = v.view(1, n, KV, D).transpose(1, 2)
@@ -193,11 +193,16 @@ class LeanRunner:
             self.v_cache[i][:, start:end] = v[0]
             keys = self.k_cache[i][:, :end].unsqueeze(0)
             values = self.v_cache[i][:, :end].unsqueeze(0)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                               enable_gqa=H != KV)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, H * D))
-            gate, up = F.linear(layer.post_attention_layernorm(h), *self.gate_up[i]).chunk(2, dim=-1)
-            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            if query_by_query:
+                o = torch.cat([F.scaled_dot_product_attention(q[:, :, j : j + 1], keys[:, :, : start + j + 1],
+                                                              values[:, :, : start + j + 1], scale=self.scaling,
+                                                              enable_gqa=H != KV) for j in range(n)], dim=2)
+            else:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                                   enable_gqa=H != KV)
+            h = h + self.linear(o.transpose(1, 2).reshape(1, n, H * D), attn.o_proj.weight, attn.o_proj.bias)
+            gate, up = self.linear(layer.post_attention_layernorm(h), *self.gate_up[i]).chunk(2, dim=-1)
+            h = h + self.linear(layer.mlp.act_fn(gate) * up, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
         return h
 
 

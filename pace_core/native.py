@@ -24,7 +24,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "llama_layers.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("llama_layers.cpp", "few_rows_linear.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool, "reason": why not
 
@@ -42,9 +42,14 @@ def _compiler() -> str | None:
     return None
 
 
+# -fopenmp: at::parallel_for in the kernels runs on torch's OpenMP threads
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-w"]
+
+
 def library_path() -> Path:
-    """Where the built library for this source and this torch lives."""
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    """Where the built library for these sources, flags and torch lives."""
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode()
+                         + torch.__version__.encode()).hexdigest()[:16]
     return cache_dir() / f"llama_layers-{key}.so"
 
 
@@ -55,9 +60,9 @@ def _build(target: Path, compiler: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", "-w",
+    cmd = [compiler, *FLAGS,
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-           *[f"-I{p}" for p in include_paths()], str(SOURCE), "-o", tmp,
+           *[f"-I{p}" for p in include_paths()], *map(str, SOURCES), "-o", tmp,
            f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
     logger.info("building native kernels (once per torch version, ~15 s): %s", target)
     started = time.perf_counter()

@@ -10,6 +10,9 @@
 
 using at::Tensor;
 
+// Up to this many rows (tokens in one forward) use the few-rows kernel.
+constexpr int64_t kFewRows = 64;
+
 namespace {
 
 // transformers' LlamaRMSNorm / Qwen2RMSNorm, op for op
@@ -27,8 +30,43 @@ Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin) {
   return x * cos + rotated * sin;
 }
 
+}  // namespace
+
+// few_rows_linear.cpp
+bool few_rows_linear_supported();
+Tensor few_rows_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias);
+
+// x @ weight^T + bias: the few-rows kernel for decode steps and verifies of float32
+// models (bit-identical whatever the row count), the library GEMM otherwise (prefill).
+Tensor pace_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  const int64_t rows = x.numel() / std::max<int64_t>(x.size(-1), 1);
+  if (rows <= kFewRows && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+      few_rows_linear_supported())
+    return few_rows_linear(x, weight, bias);
+  return at::linear(x, weight, bias);
+}
+
+int64_t few_rows_limit() { return kFewRows; }
+
+namespace {
+
+// Causal attention of n new queries over [cache + new]. Up to kFewRows queries, one
+// query at a time, so that each row is computed exactly as in a one-token step.
+Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& values, const std::optional<Tensor>& mask,
+                 int64_t start, double scaling, bool gqa) {
+  const int64_t n = q.size(2);
+  if (n == 1 || n > kFewRows) return at::scaled_dot_product_attention(q, keys, values, mask, 0.0, false, scaling, gqa);
+  std::vector<Tensor> rows;
+  for (int64_t i = 0; i < n; ++i)
+    rows.push_back(at::scaled_dot_product_attention(q.slice(2, i, i + 1), keys.slice(2, 0, start + i + 1),
+                                                    values.slice(2, 0, start + i + 1), std::nullopt, 0.0, false,
+                                                    scaling, gqa));
+  return at::cat(rows, 2);
+}
+
 Tensor linear(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias) {
-  return at::linear(x, *weight, bias);
+  TORCH_CHECK(weight.has_value(), "llama_layers: a linear weight is missing");
+  return pace_linear(x, *weight, bias);
 }
 
 // Weights per layer, in this order (absent ones are None):
@@ -40,7 +78,7 @@ Tensor llama_layers(Tensor h, const Tensor& cos_in, const Tensor& sin_in, const 
   const int64_t n = h.size(1), end = start + n, H = num_heads, KV = num_kv_heads, D = head_dim;
   TORCH_CHECK(weights.size() == k_cache.size() * NUM_SLOTS, "llama_layers: expected ", NUM_SLOTS, " weights per layer");
   std::optional<Tensor> mask;  // causal over [cache + new]: query i sees keys 0..start+i
-  if (n > 1) mask = at::ones({n, end}, at::kBool).tril(start);
+  if (n > kFewRows) mask = at::ones({n, end}, at::kBool).tril(start);
   const Tensor cos = cos_in.unsqueeze(1), sin = sin_in.unsqueeze(1);
   for (size_t i = 0; i < k_cache.size(); ++i) {
     const std::optional<Tensor>* w = &weights[i * NUM_SLOTS];
@@ -59,7 +97,7 @@ Tensor llama_layers(Tensor h, const Tensor& cos_in, const Tensor& sin_in, const 
     v_cache[i].slice(1, start, end).copy_(v[0]);
     Tensor keys = k_cache[i].slice(1, 0, end).unsqueeze(0);
     Tensor values = v_cache[i].slice(1, 0, end).unsqueeze(0);
-    Tensor o = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, false, scaling, H != KV);
+    Tensor o = attention(q, keys, values, mask, start, scaling, H != KV);
     h = h + linear(o.transpose(1, 2).reshape({1, n, H * D}), w[O_W], w[O_B]);
     std::vector<Tensor> gate_up = linear(rms_norm(h, *w[POST_NORM], eps), w[GATE_UP_W], w[GATE_UP_B]).chunk(2, -1);
     h = h + linear(at::silu(gate_up[0]) * gate_up[1], w[DOWN_W], w[DOWN_B]);
@@ -73,6 +111,11 @@ TORCH_LIBRARY(pace_core, m) {
   m.def(
       "llama_layers(Tensor h, Tensor cos, Tensor sin, Tensor?[] weights, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, "
       "int start, int num_heads, int num_kv_heads, int head_dim, float scaling, float eps) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("few_rows_limit() -> int", &few_rows_limit);
 }
 
-TORCH_LIBRARY_IMPL(pace_core, CPU, m) { m.impl("llama_layers", llama_layers); }
+TORCH_LIBRARY_IMPL(pace_core, CPU, m) {
+  m.impl("llama_layers", llama_layers);
+  m.impl("linear", pace_linear);
+}

@@ -1,0 +1,200 @@
+// y = x @ W^T + b for the few rows of a decode step or a speculative verify (1..64).
+//
+// Decoding is memory-bound: every weight is read once per forward whatever the number
+// of rows. CPU GEMM libraries are tuned for many rows and, for 2..33 rows, repack or
+// re-read the weight and fall far behind the memory floor (a 9-row fp32 GEMM took
+// 3-4x a 1-row one). This kernel streams each weight row once and applies it to all
+// rows while it sits in L1/L2, so verifying K+1 tokens costs about one decode step.
+//
+// Exactness: each output element is the same sequence of fp32 FMAs (16 lanes, each
+// summing k = lane mod 16 in order, then one fixed horizontal sum) whatever the number
+// of rows and whichever block computes it. A 9-token verify therefore gives
+// bit-identical results to nine 1-token forwards: speculation never changes a logit.
+//
+// fp32 only, with AVX-512 or AVX2+FMA chosen at run time; other dtypes and CPUs use
+// at::linear (the caller checks few_rows_linear_supported).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <optional>
+
+namespace {
+
+// One output element = a vector accumulator of W[n, k..] * x[m, k..] over k in order,
+// then a fixed horizontal sum, then the K % lanes tail in order. Blocks of NB weight
+// rows x MB input rows keep NB*MB accumulators in registers: every weight vector is
+// loaded once per block and used MB times; the block shape never changes a result.
+// (rows_* are flattened: block and the vector helpers inline into their ISA's code)
+#define PACE_AVX512 __attribute__((target("avx512f"))) inline
+#define PACE_AVX2 __attribute__((target("avx2,fma"))) inline
+
+struct Avx512 {
+  using Vec = __m512;
+  static constexpr int kLanes = 16, kMaxAcc = 24;  // of 32 registers: + NB weights + 1 input
+  static PACE_AVX512 Vec zero() { return _mm512_setzero_ps(); }
+  static PACE_AVX512 Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static PACE_AVX512 Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static PACE_AVX512 float sum(Vec v) {  // 16 -> 8 -> 4 -> 2 -> 1
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+  }
+};
+
+struct Avx2 {
+  using Vec = __m256;
+  static constexpr int kLanes = 8, kMaxAcc = 12;  // of 16 registers
+  static PACE_AVX2 Vec zero() { return _mm256_setzero_ps(); }
+  static PACE_AVX2 Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static PACE_AVX2 Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static PACE_AVX2 float sum(Vec v) {  // 8 -> 4 -> 2 -> 1
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+  }
+};
+
+// Weight rows are streamed from memory once: prefetch them this many blocks ahead
+// (a block's NB rows are contiguous, so this runs ahead in one sequential stream).
+// With one or two input rows the loop is load-bound and the hardware prefetcher keeps up.
+#ifndef PACE_PREFETCH_BLOCKS
+#define PACE_PREFETCH_BLOCKS 1
+#endif
+constexpr int kPrefetchBlocks = PACE_PREFETCH_BLOCKS;
+
+// y[m * ldy + n] for m < MB, n < NB, from input rows x + m*K and weight rows w + n*K
+template <class V, int NB, int MB>
+inline void block(const float* x, const float* w, int64_t K, float* y, int64_t ldy) {
+  typename V::Vec acc[NB][MB];
+  for (int n = 0; n < NB; ++n)
+    for (int m = 0; m < MB; ++m) acc[n][m] = V::zero();
+  int64_t k = 0;
+  for (; k + V::kLanes <= K; k += V::kLanes) {
+    typename V::Vec wv[NB];
+    for (int n = 0; n < NB; ++n) {
+      wv[n] = V::load(w + n * K + k);
+      if (MB > 2) __builtin_prefetch(w + (n + kPrefetchBlocks * NB) * K + k);  // the same place, blocks ahead
+    }
+    for (int m = 0; m < MB; ++m) {
+      typename V::Vec xv = V::load(x + m * K + k);
+      for (int n = 0; n < NB; ++n) acc[n][m] = V::fma(wv[n], xv, acc[n][m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) {
+      float s = V::sum(acc[n][m]);
+      for (int64_t t = k; t < K; ++t) s = std::fma(w[n * K + t], x[m * K + t], s);
+      y[m * ldy + n] = s;
+    }
+}
+
+// Weight rows [first, last) in blocks of NB (last - first divisible by NB), input rows
+// in one pass of MB.
+template <int NB, int MB>
+__attribute__((target("avx512f"), flatten)) void rows_avx512(const float* x, const float* w, int64_t K, float* y, int64_t ldy,
+                                                    int64_t first, int64_t last) {
+  for (int64_t n = first; n < last; n += NB) block<Avx512, NB, MB>(x, w + n * K, K, y + n, ldy);
+}
+
+template <int NB, int MB>
+__attribute__((target("avx2,fma"), flatten)) void rows_avx2(const float* x, const float* w, int64_t K, float* y, int64_t ldy,
+                                                   int64_t first, int64_t last) {
+  for (int64_t n = first; n < last; n += NB) block<Avx2, NB, MB>(x, w + n * K, K, y + n, ldy);
+}
+
+using RowsFn = void (*)(const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t);
+
+struct Pass {
+  RowsFn fn = nullptr;
+  int weight_rows = 0;  // NB
+};
+
+constexpr int kMaxPass = 12;  // input rows per pass (more rows: several passes)
+constexpr int64_t kChunkRows = 4;  // weight rows per chunk: a multiple of every NB
+
+struct Kernels {
+  Pass pass[kMaxPass + 1];  // by input rows in the pass (MB)
+  int max_pass = 0;
+};
+
+// NB x MB blocks with at most V::kMaxAcc accumulators
+Kernels pick_kernels() {
+  Kernels k;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) {
+    Pass t[] = {{}, {rows_avx512<4, 1>, 4}, {rows_avx512<4, 2>, 4}, {rows_avx512<4, 3>, 4}, {rows_avx512<4, 4>, 4},
+                {rows_avx512<4, 5>, 4}, {rows_avx512<4, 6>, 4}, {rows_avx512<2, 7>, 2}, {rows_avx512<2, 8>, 2},
+                {rows_avx512<2, 9>, 2}, {rows_avx512<2, 10>, 2}, {rows_avx512<2, 11>, 2}, {rows_avx512<2, 12>, 2}};
+    std::copy(std::begin(t), std::end(t), k.pass);
+    k.max_pass = 12;
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    Pass t[] = {{}, {rows_avx2<4, 1>, 4}, {rows_avx2<4, 2>, 4}, {rows_avx2<4, 3>, 4},
+                {rows_avx2<2, 4>, 2}, {rows_avx2<2, 5>, 2}, {rows_avx2<2, 6>, 2}};
+    std::copy(std::begin(t), std::end(t), k.pass);
+    k.max_pass = 6;
+  }
+  return k;
+}
+
+const Kernels& kernels() {
+  static const Kernels k = pick_kernels();
+  return k;
+}
+
+}  // namespace
+
+bool few_rows_linear_supported() { return kernels().max_pass > 0; }
+
+// x (..., K) float32, weight (N, K) float32 with contiguous rows, bias (N) or none.
+at::Tensor few_rows_linear(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(few_rows_linear_supported(), "few_rows_linear needs AVX2+FMA or AVX-512");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "few_rows_linear: float32 only");
+  const int64_t K = weight.size(1), N = weight.size(0);
+  TORCH_CHECK(x_in.size(-1) == K, "few_rows_linear: x has ", x_in.size(-1), " features, the weight ", K);
+  const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) == K ? weight : weight.contiguous();
+  const at::Tensor x = x_in.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const Kernels& kern = kernels();
+  // input rows in balanced passes of at most max_pass rows, all passes over one chunk of
+  // weight rows before the next chunk: the chunk is read from memory once, then from cache
+  struct PassRows {
+    int64_t first, rows;
+    const Pass* pass;
+  };
+  std::vector<PassRows> passes;
+  const int64_t num_passes = (M + kern.max_pass - 1) / kern.max_pass;
+  for (int64_t p = 0, m = 0; p < num_passes; ++p) {
+    const int64_t mb = (M - m) / (num_passes - p);
+    passes.push_back({m, mb, &kern.pass[mb]});
+    m += mb;
+  }
+  const int64_t chunks = N / kChunkRows;
+  // each task takes consecutive chunks (a sequential stream for the prefetcher)
+  at::parallel_for(0, chunks, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c)
+      for (const PassRows& p : passes)
+        p.pass->fn(xp + p.first * K, wp, K, yp + p.first * N, N, c * kChunkRows, (c + 1) * kChunkRows);
+  });
+  if (const int64_t rest = N - chunks * kChunkRows) {  // the last N % 4 outputs, via a zero-padded chunk
+    at::Tensor pad = at::zeros({kChunkRows, K}, w.options());
+    pad.slice(0, 0, rest).copy_(w.slice(0, N - rest));
+    at::Tensor out = at::empty({M, kChunkRows}, x.options());
+    for (const PassRows& p : passes)
+      p.pass->fn(xp + p.first * K, pad.data_ptr<float>(), K, out.data_ptr<float>() + p.first * kChunkRows, kChunkRows, 0,
+                 kChunkRows);
+    y.slice(1, N - rest).copy_(out.slice(1, 0, rest));
+  }
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = N;
+  return y.view(shape);
+}
