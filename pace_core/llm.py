@@ -139,7 +139,9 @@ class LLMModel:
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
         target = load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code)
-        self.target = make_runner(target, cfg.runner)
+        # ids past the tokenizer are embedding padding (Qwen: 152064 rows, 151665 tokens):
+        # never emitted, as transformers' suppress_tokens would have it
+        self.target = make_runner(target, cfg.runner, vocab_limit=min(target.config.vocab_size, len(self.tokenizer)))
         self.stop_token_ids = stop_token_ids(target, self.tokenizer)
         self.max_context = context_length(target.config)
         # the sampling fields of generation_config.json: defaults of requests that leave them unset
@@ -172,9 +174,9 @@ class LLMModel:
         else:
             check_same_tokenizer(self.tokenizer, draft_tokenizer)
         self.pard_token = read_pard_token(draft.config, pard.pard_token)
-        # padded embeddings (e.g. 151936 vs 152064): propose only ids both models have
-        limit = min(draft.config.vocab_size, self.target.model.config.vocab_size)
-        if limit < len(self.tokenizer) - 1:
+        # padded embeddings (e.g. 151936 vs 152064): propose only ids the target may emit
+        limit = min(draft.config.vocab_size, self.target.vocab_limit)
+        if draft.config.vocab_size < len(self.tokenizer) - 1:
             raise ModelLoadError(
                 f"the draft's vocabulary ({draft.config.vocab_size}) is smaller than the tokenizer's ({len(self.tokenizer)}): "
                 "a PARD draft must share its target's tokenizer"

@@ -22,6 +22,9 @@ class CausalLMRunner:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
+        # sliding-window layers keep the states a crop may bring back (rejected proposals)
+        # until the crop that follows every forward
+        self.cache.activate_past_recording()
         self.seq_len = 0
 
     @torch.inference_mode()
@@ -34,10 +37,10 @@ class CausalLMRunner:
         return out.logits[0, -num_logits:, : self.vocab_limit].float()
 
     def crop(self, num_tokens: int) -> None:
-        """Drop the last ``num_tokens`` entries of the KV cache."""
-        if num_tokens > 0:
-            self.cache.crop(-num_tokens)
-            self.seq_len -= num_tokens
+        """Drop the last ``num_tokens`` entries of the KV cache. The decoder calls it after
+        every forward (0 included): sliding-window layers then trim back to their window."""
+        self.cache.crop(-max(num_tokens, 0))
+        self.seq_len -= max(num_tokens, 0)
 
 
 def make_runner(model, kind: str = "auto", vocab_limit: int | None = None):

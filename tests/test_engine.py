@@ -349,3 +349,73 @@ def test_adaptive_and_fixed_schedules_give_the_same_tokens(pard_models, arch):
             outs[schedule] = model.generate(ids, SamplingConfig(max_new_tokens=40))
         assert outs["adaptive"].token_ids == outs["fixed"].token_ids == hf_greedy(model, ids, 40)
     model.speculation_schedule = "adaptive"
+
+
+def _save(model, tok, path):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_padding_ids_past_the_tokenizer_are_never_emitted(tmp_path):
+    """A target whose embedding is padded past the tokenizer (Qwen: 152064 rows for
+    151665 tokens) whose padding rows win every argmax: the engine emits only real ids
+    (transformers' suppress_tokens for the padding), with and without a draft."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pace_core.testing import build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "tok")
+    n_real, pad = len(tok), 64
+    models = {}
+    for name, layers, seed in (("target", 2, 0), ("draft", 1, 1)):
+        cfg = AutoConfig.for_model("qwen2", vocab_size=n_real + pad, hidden_size=64, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                   tie_word_embeddings=False, eos_token_id=tok.eos_token_id)
+        if name == "draft":
+            cfg.pard_token = tok.convert_tokens_to_ids("<|pard|>")
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():
+            model.lm_head.weight[n_real:] = model.lm_head.weight[:n_real].abs().mean() * 50  # padding always wins
+        models[name] = _save(model, tok, tmp_path / name)
+    plain = LLMModel(models["target"], dtype="float32")
+    pard = LLMModel(models["target"], dtype="float32",
+                    pard_config=PardSpecDecodeConfig(model_name_or_path=models["draft"], num_speculative_tokens=4))
+    ids = plain.encode("def f(x):")
+    hf = plain.target.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24,
+                                     suppress_tokens=list(range(n_real, n_real + pad)))[0, len(ids):].tolist()
+    for model in (plain, pard):
+        out = model.generate(ids, SamplingConfig(max_new_tokens=24))
+        assert max(out.token_ids) < n_real
+        assert out.token_ids == hf
+
+
+def test_sliding_window_model_with_pard_matches_full_forward_greedy(tmp_path):
+    """Mistral-style sliding-window attention runs through transformers' forward; its
+    cache keeps what a rejected proposal's crop needs, past the window too."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pace_core.testing import build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "tok")
+    paths = {}
+    for name, layers, seed in (("target", 2, 0), ("draft", 1, 1)):
+        cfg = AutoConfig.for_model("mistral", vocab_size=len(tok), hidden_size=64, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                   sliding_window=8, eos_token_id=tok.eos_token_id)
+        if name == "draft":
+            cfg.pard_token = tok.convert_tokens_to_ids("<|pard|>")
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.08)
+        paths[name] = _save(model, tok, tmp_path / name)
+    model = LLMModel(paths["target"], dtype="float32",
+                     pard_config=PardSpecDecodeConfig(model_name_or_path=paths["draft"], num_speculative_tokens=4))
+    assert type(model.target).__name__ == "CausalLMRunner"  # the lean runner leaves sliding windows to transformers
+    ids = model.encode("class Stack:\n    def push(self, item):")
+    out = model.generate(ids, SamplingConfig(max_new_tokens=30, ignore_eos=True))
+    assert out.token_ids == full_forward_greedy(model.target.model, ids, 30)[len(ids):]
