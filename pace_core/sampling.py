@@ -85,7 +85,7 @@ class Sampler:
             self.min_tokens_stop = sorted(t for t in stop_token_ids if t < vocab_size)
         if c.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
-            self.seen[prompt_ids] = True
+            self.seen[[t for t in prompt_ids if t < vocab_size]] = True  # (a prompt may hold padding ids)
         if c.presence_penalty or c.frequency_penalty:
             self.counts = torch.zeros(vocab_size)
         self.processes = not self.greedy or any(x is not None for x in (self.bias, self.min_tokens_stop, self.seen,
