@@ -1,4 +1,4 @@
-"""pace_core under the same measuring protocol as ../shared/anchors/pace_bench.py (AMD
+"""pace_core under the same measuring protocol as benchmarks/pace/pace_bench.py (AMD
 PACE's runner): a fresh process, one untimed warm-up generate on each prompt right
 before its timed run(s), the best of --repeats, one JSON line on stdout with the same
 fields. `latency.py` runs it next to AMD PACE in every round, so the two engines are

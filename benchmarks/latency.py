@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_PROMPTS = ROOT / "benchmarks" / "prompts" / "heldout.txt"
-PACE_ANCHORS = ROOT.parent / "shared" / "anchors"
+PACE_ANCHORS = ROOT / "benchmarks" / "pace"  # AMD PACE runner and venv set-up
 PACE_VENV = Path(os.environ.get("PACE_VENV", "/tmp/pace-anchor-venv"))
 
 
@@ -107,7 +107,7 @@ PACE_PARD, ADAPTIVE_PACE_PROTOCOL = "AMD PACE PARD", "pace_core PARD adaptive, P
 
 
 def run_protocol(engine, target, draft, k, prompts_file, n, dtype, threads) -> dict | None:
-    """One fresh-process run of AMD PACE (../shared/anchors/pace_bench.py, in its venv)
+    """One fresh-process run of AMD PACE (benchmarks/pace/pace_bench.py, in its venv)
     or of pace_core under the same protocol (benchmarks/engine_bench.py): a warm-up on
     each prompt, then one timed run of it."""
     if engine == "pace":
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
             (f"AMD PACE 1.3.0 PARD K={k}", draft, k, "pace") for k in pace_ks] + [
             (f"pace_core PARD adaptive K<={k}, PACE's protocol", draft, k, "pace_core") for k in pace_ks]
     elif a.pace == "auto":
-        print(f"  AMD PACE: skipped (no PACE venv at {PACE_VENV}; build it with ../shared/anchors/setup_pace.sh)",
+        print(f"  AMD PACE: skipped (no PACE venv at {PACE_VENV}; build it with benchmarks/pace/setup_pace.sh)",
               file=sys.stderr)
 
     records = {run[0]: [] for run in variants + pace_runs}

@@ -106,3 +106,52 @@ def build_pair(root: str | Path, arch: str = "qwen2", draft_vocab_padding: int =
                 num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64, pard_token=pard)
     (root / "pair.json").write_text(json.dumps({"target": str(target_dir), "draft": str(draft_dir), "pard_token": pard}))
     return str(target_dir), str(draft_dir)
+
+
+def build_wordlevel_tokenizer(out_dir: str | Path, vocab_size: int):
+    """A tokenizer with exactly ``vocab_size`` ids ("<|endoftext|>", "<|pard|>", then
+    "w2", "w3", ... split on whitespace), for random models in real shapes, whose
+    vocabularies (151936, 128256) no locally trained BPE reaches."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<|pard|>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|pard|>"])
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+class OracleDraft:
+    """A draft with a fixed acceptance, for speed measurements of random-weight models:
+    it runs (and pays for) a real draft runner's forward, then proposes the known
+    continuation ``reference`` (the target's own greedy output), getting the first
+    ``correct`` proposals of every step right and the next one wrong. So each step
+    emits ``correct + 1`` tokens (all K+1 when ``correct >= K``), whatever the weights."""
+
+    def __init__(self, runner, reference: list[int], correct: int):
+        self.runner, self.reference, self.correct = runner, reference, correct
+        self.vocab_limit = runner.vocab_limit
+
+    @property
+    def seq_len(self) -> int:
+        return self.runner.seq_len
+
+    def reset(self) -> None:
+        self.runner.reset()
+
+    def crop(self, num_tokens: int) -> None:
+        self.runner.crop(num_tokens)
+
+    def forward(self, token_ids: list[int], num_logits: int) -> torch.Tensor:
+        logits = self.runner.forward(token_ids, num_logits)
+        real = self.runner.seq_len - (num_logits - 1)  # tokens before the first proposal
+        chosen = torch.empty(num_logits, dtype=torch.long)
+        for i in range(num_logits):
+            right = self.reference[real + i] if real + i < len(self.reference) else 0
+            chosen[i] = right if i < self.correct else (right + 1) % self.vocab_limit
+        out = torch.full_like(logits, -1e4)
+        out[torch.arange(num_logits), chosen] = 0.0
+        return out

@@ -91,3 +91,25 @@ def test_forward_profile_smoke():
         assert r["forward_python_ms"] > 0 and r["gemms_only_ms"] > 0
         if r["native_available"]:
             assert r["forward_native_ms"] > 0
+
+
+def test_real_shapes_benchmark_smoke(tmp_path):
+    """Builds a random model and its sliced draft, times forwards of 1..13 tokens for
+    each engine against the bandwidth floor, and every decode variant; float32: every
+    variant emits the engine's greedy tokens."""
+    out = tmp_path / "real_shapes"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "real_shapes.py"), "--smoke", "--out", str(out),
+                          "--cache", str(tmp_path / "models")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.with_suffix(".json").read_text())["results"][0]
+    assert result["floor_ms"] > 0 and result["bandwidth_gbs"] > 0
+    assert set(result["forward"]) == {"pace_core", "pace_core, torch GEMM (Python loop)", "transformers"}
+    for by_n in result["forward"].values():
+        assert [int(n) for n in by_n] == [1, 2, 5, 9, 13] and all(v["min_ms"] > 0 for v in by_n.values())
+    decode = result["decode"]
+    oracle = next(v for k, v in decode.items() if "oracle" in k)
+    assert oracle["tokens_per_step"] == 4.0  # 3 right per step + the correction, K = 4
+    for name, row in decode.items():
+        assert row["token_match_vs_pace_core_greedy"] == 1.0, name
+    assert "| pace_core greedy |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 1000
