@@ -55,6 +55,9 @@ class AppArgs(BaseModel):
     stream_interval_ms: float = Field(0.0, ge=0, le=1000)
     api_key: str | None = None  # or the PACE_API_KEY environment variable
     trust_remote_code: bool = False
+    # the sampling fields of the target's generation_config.json are the defaults of
+    # requests that leave them out (as transformers and vLLM); false: greedy defaults
+    generation_config_defaults: bool = True
 
     @field_validator("num_speculative_tokens")
     @classmethod

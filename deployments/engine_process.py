@@ -44,7 +44,8 @@ def load_model(args: dict, num_threads: int | None = None):
                                     speculation_schedule=args.get("speculation_schedule", "adaptive"))
     return LLMModel(args["target"], dtype=args.get("dtype", "auto"), pard_config=pard,
                     tokenizer_name_or_path=args.get("tokenizer"), num_threads=num_threads,
-                    trust_remote_code=args.get("trust_remote_code", False))
+                    trust_remote_code=args.get("trust_remote_code", False),
+                    generation_config_defaults=args.get("generation_config_defaults", True))
 
 
 class EngineError(RuntimeError):
@@ -158,6 +159,8 @@ def _serve_request(model, conn: Connection, request: dict) -> None:
         for chunk in chunks:
             out = {"text": chunk.text, "token_ids": chunk.token_ids, "finish_reason": chunk.finish_reason,
                    "num_prompt_tokens": len(prompt_ids)}
+            if chunk.logprobs is not None:
+                out["logprobs"] = chunk.logprobs
             if chunk.finish_reason:
                 out["stats"] = chunk.stats.to_dict()
             conn.send(("chunk", out))

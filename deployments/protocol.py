@@ -1,16 +1,19 @@
 """OpenAI-compatible request bodies and response/chunk builders.
 
 Unknown fields are ignored (as vLLM does); fields whose meaning this server cannot
-honour (n > 1, logprobs, echo, penalties, tools, ...) are refused with a 400 that says
-so, never silently ignored.
+honour (n > 1, echo, suffix, best_of, tools) are refused with a 400 that says so, never
+silently ignored. Sampling fields a request leaves out are left out of the request to
+the engine, which fills them from the model's generation_config.json (else greedy).
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+from pace_core.configs import MAX_LOGPROBS
 
 
 class APIError(Exception):
@@ -35,14 +38,17 @@ class _Common(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # vLLM extension
+    min_p: float | None = Field(None, ge=0, le=1)  # vLLM extension
+    repetition_penalty: float | None = Field(None, gt=0)  # vLLM extension (transformers' semantics)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    min_tokens: int | None = Field(None, ge=0)  # vLLM extension
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # {"token id": bias}
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
-    logprobs: Any = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     ignore_eos: StrictBool = False  # vLLM extension
     user: str | None = None
 
@@ -58,25 +64,26 @@ class _Common(BaseModel):
     def refuse_unsupported(self) -> None:
         if self.n != 1:
             raise APIError(400, "n > 1 is not supported: send separate requests", "n")
-        if self.logprobs not in (None, False, 0):
-            raise APIError(400, "logprobs are not supported", "logprobs")
-        if self.presence_penalty or self.frequency_penalty:
-            raise APIError(400, "presence_penalty and frequency_penalty are not supported (must be 0)",
-                           "presence_penalty" if self.presence_penalty else "frequency_penalty")
+
+    def num_logprobs(self) -> int | None:
+        """SamplingConfig.logprobs: None (no logprobs), or how many alternatives per token."""
+        raise NotImplementedError
 
     def sampling(self, default_max_tokens: int, max_tokens: int | None = None) -> dict:
-        """The SamplingConfig fields. temperature defaults to 0 (greedy): this server's
-        engine is greedy-first, unlike OpenAI's default of 1."""
-        out = {"max_new_tokens": max_tokens or self.max_tokens or default_max_tokens,
-               "temperature": self.temperature or 0.0, "ignore_eos": self.ignore_eos}
+        """The SamplingConfig fields this request sets. The others come from the model's
+        generation_config.json in the engine, else its defaults: temperature 0 (greedy),
+        unlike OpenAI's default of 1."""
+        out = {"max_new_tokens": max_tokens or self.max_tokens or default_max_tokens, "ignore_eos": self.ignore_eos}
         if self.stop:
             out["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
-        if self.top_p is not None:
-            out["top_p"] = self.top_p
-        if self.top_k:
-            out["top_k"] = self.top_k
-        if self.seed is not None:
-            out["seed"] = self.seed
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty", "logit_bias", "seed"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.min_tokens is not None:
+            out["min_new_tokens"] = self.min_tokens
+        if self.num_logprobs() is not None:
+            out["logprobs"] = self.num_logprobs()
         return out
 
 
@@ -85,6 +92,10 @@ class CompletionRequest(_Common):
     echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = None
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token (0: the chosen only)
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -131,11 +142,18 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list | None = None
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         if self.tools:
             raise APIError(400, "tools are not supported", "tools")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def plain_messages(self) -> list[dict]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
@@ -150,11 +168,37 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def completion_logprobs(entries: list[dict] | None, offset: int = 0) -> dict | None:
+    """OpenAI's completions ``logprobs`` from the engine's per-token entries. ``text_offset``
+    adds up the token strings' lengths from ``offset`` (the tokens a stream sent before):
+    each token's place in the text, as long as tokens are whole characters."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[dict] | None) -> dict | None:
+    """OpenAI's chat ``logprobs``: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    if entries is None:
+        return None
+
+    def item(e: dict) -> dict:
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode("utf-8"))}
+
+    return {"content": [{**item(e), "top_logprobs": [item(a) for a in e["top_logprobs"]]} for e in entries]}
+
+
 def completion_body(rid: str, model: str, outputs: list[dict]) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": o["text"], "logprobs": None, "finish_reason": o["finish_reason"]}
-                    for i, o in enumerate(outputs)],
+        "choices": [{"index": i, "text": o["text"], "logprobs": completion_logprobs(o.get("logprobs")),
+                     "finish_reason": o["finish_reason"]} for i, o in enumerate(outputs)],
         "usage": usage(sum(o["num_prompt_tokens"] for o in outputs), sum(len(o["token_ids"]) for o in outputs)),
     }
 
@@ -162,20 +206,22 @@ def completion_body(rid: str, model: str, outputs: list[dict]) -> dict:
 def chat_body(rid: str, model: str, out: dict) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]}, "logprobs": None,
-                     "finish_reason": out["finish_reason"]}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                     "logprobs": chat_logprobs(out.get("logprobs")), "finish_reason": out["finish_reason"]}],
         "usage": usage(out["num_prompt_tokens"], len(out["token_ids"])),
     }
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None,
+                     logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None,
+               logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:

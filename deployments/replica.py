@@ -16,6 +16,16 @@ from .engine_process import EngineProcess
 logger = logging.getLogger("ray.serve")
 
 
+def join_chunks(chunks: list[dict]) -> dict:
+    """Consecutive chunks of one request as one: the last one's fields, with the text,
+    token ids (and logprobs, when the request asked for them) of all."""
+    out = {**chunks[-1], "text": "".join(c["text"] for c in chunks),
+           "token_ids": [t for c in chunks for t in c["token_ids"]]}
+    if "logprobs" in out:
+        out["logprobs"] = [e for c in chunks for e in c["logprobs"]]
+    return out
+
+
 @serve.deployment(max_ongoing_requests=1, health_check_period_s=5, graceful_shutdown_timeout_s=5)
 class LLMReplica:
     def __init__(self, args: dict):
@@ -72,9 +82,7 @@ class LLMReplica:
                             if payload is not None:
                                 raise RuntimeError(f"generation failed: {payload}")
                     if chunks:
-                        out = {**chunks[-1], "text": "".join(c["text"] for c in chunks),
-                               "token_ids": [t for c in chunks for t in c["token_ids"]]}
-                        yield out
+                        yield join_chunks(chunks)
             finally:
                 # normal end, or the caller went away (cancellation): the engine stops
                 # after its current step, and the replica is free once it has
@@ -123,14 +131,12 @@ class LLMReplica:
 
     async def generate(self, request: dict) -> dict:
         """The whole output at once (same dict keys as the stream's chunks, joined)."""
-        text, ids, last = [], [], {}
+        chunks = []
         async for chunk in self.stream(request):
             if "error" in chunk:
                 return chunk
-            text.append(chunk["text"])
-            ids += chunk["token_ids"]
-            last = chunk
-        return {**last, "text": "".join(text), "token_ids": ids}
+            chunks.append(chunk)
+        return join_chunks(chunks)
 
     def info(self) -> dict:
         return {

@@ -23,8 +23,10 @@ from .protocol import (
     CompletionRequest,
     chat_body,
     chat_chunk,
+    chat_logprobs,
     completion_body,
     completion_chunk,
+    completion_logprobs,
     new_id,
     usage_chunk,
 )
@@ -107,9 +109,6 @@ class Router:
                            param="model", code="model_not_found")
 
     def _sampling(self, body) -> dict:
-        if body.temperature and self.args.draft:
-            raise APIError(400, f"temperature={body.temperature} is not supported: this server decodes greedily with "
-                                "PARD speculative decoding; use temperature 0 (or omit it)", param="temperature")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         sampling = body.sampling(self.args.default_max_tokens, max_tokens)
         return {"sampling": sampling, "max_tokens_is_default": max_tokens is None}
@@ -255,18 +254,23 @@ class Router:
         model, created, n, finish = self.model_name, int(time.time()), 0, None
         chat = kind == "chat"
 
-        def piece(text: str, finish_reason):
+        offset = 0  # the token strings' length so far: the text_offset of the next logprobs
+
+        def piece(text: str, finish_reason, logprobs=None):
             if chat:
-                return _sse(chat_chunk(rid, model, created, {"content": text} if text else {}, finish_reason))
-            return _sse(completion_chunk(rid, model, created, text, finish_reason))
+                return _sse(chat_chunk(rid, model, created, {"content": text} if text else {}, finish_reason,
+                                       chat_logprobs(logprobs)))
+            return _sse(completion_chunk(rid, model, created, text, finish_reason,
+                                         completion_logprobs(logprobs, offset)))
 
         if chat:
             yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
         async for chunk in self._chunks(first, gen, t0):
             n += len(chunk["token_ids"])
             finish = chunk["finish_reason"]
-            if chunk["text"]:
-                yield piece(chunk["text"], None)
+            if chunk["text"] or chunk.get("logprobs"):
+                yield piece(chunk["text"], None, chunk.get("logprobs"))
+                offset += sum(len(e["token"]) for e in chunk.get("logprobs") or ())
         yield piece("", finish)
         if include_usage:
             obj = "chat.completion.chunk" if chat else "text_completion"
