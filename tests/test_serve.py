@@ -181,11 +181,21 @@ BAD_BODIES = [
     ({}, "prompt"),
     ({"prompt": 5}, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, "not served here"),
-    ({"prompt": "x", "temperature": 0.7}, "temperature"),
     ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "temperature": 2.5}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "min_p": 1.5}, "min_p"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"100000000": 1}}, "outside the vocabulary"),
+    ({"prompt": "x", "min_tokens": 9, "max_tokens": 4}, "min_new_tokens"),
     ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": "x", "n": 2}, "n > 1"),
-    ({"prompt": "x", "logprobs": 3}, "logprobs"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
     ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": [10 ** 7]}, "outside the vocabulary"),
@@ -207,6 +217,8 @@ def test_bad_completion_bodies(server, body, needle):
     ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "text content"),
     ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 6}, "top_logprobs"),
 ])
 def test_bad_chat_bodies(server, body, needle):
     r = server["client"].post("/v1/chat/completions", json=body)
@@ -307,8 +319,105 @@ def test_openai_client(server, engine):
                                             max_tokens=8, stream=True)
     text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
     assert text == engine.chat([{"role": "user", "content": "hi"}], SamplingConfig(max_new_tokens=8)).text
-    with pytest.raises(openai.BadRequestError, match="temperature"):
-        client.completions.create(model="pace-demo", prompt="x", max_tokens=3, temperature=0.9)
+    # every sampling field (vLLM's extensions in extra_body), logprobs in the client's types
+    ref = engine.generate("import os\n", SamplingConfig(max_new_tokens=12, logprobs=2, **SAMPLED))
+    out = client.completions.create(
+        model="pace-demo", prompt="import os\n", max_tokens=12, logprobs=2, temperature=0.8, top_p=0.95, seed=11,
+        presence_penalty=0.3, frequency_penalty=0.2, logit_bias={"7": 2.0},
+        extra_body={"top_k": 40, "min_p": 0.02, "repetition_penalty": 1.1, "min_tokens": 3})
+    assert out.choices[0].text == ref.text and out.choices[0].logprobs.tokens == [e["token"] for e in ref.logprobs]
+    messages = [{"role": "user", "content": "write a loop"}]
+    ref = engine.chat(messages, SamplingConfig(max_new_tokens=12, logprobs=2, **SAMPLED))
+    out = client.chat.completions.create(
+        model="pace-demo", messages=messages, max_tokens=12, logprobs=True, top_logprobs=2, temperature=0.8,
+        top_p=0.95, seed=11, presence_penalty=0.3, frequency_penalty=0.2, logit_bias={"7": 2.0},
+        extra_body={"top_k": 40, "min_p": 0.02, "repetition_penalty": 1.1, "min_tokens": 3})
+    assert out.choices[0].message.content == ref.text
+    assert [c.logprob for c in out.choices[0].logprobs.content] == pytest.approx([e["logprob"] for e in ref.logprobs])
+
+
+# the same settings as SamplingConfig fields and as OpenAI request fields
+SAMPLED = dict(temperature=0.8, top_p=0.95, top_k=40, min_p=0.02, repetition_penalty=1.1, presence_penalty=0.3,
+               frequency_penalty=0.2, logit_bias={7: 2.0}, seed=11, min_new_tokens=3)
+SAMPLED_HTTP = {**{k: v for k, v in SAMPLED.items() if k not in ("min_new_tokens", "logit_bias")},
+                "min_tokens": 3, "logit_bias": {"7": 2.0}}
+
+
+def _streamed_logprobs(events: list, chat: bool) -> list:
+    out = []
+    for e in events[:-1]:
+        lp = e["choices"][0]["logprobs"] if e.get("choices") else None
+        if lp:
+            out += lp["content"] if chat else [dict(zip(lp, v)) for v in zip(*lp.values())]
+    return out
+
+
+def test_sampling_and_logprobs_on_both_routes_equal_the_engine(server, engine):
+    """With a seed, sampling (PARD speculative sampling, every processor) gives the
+    engine's own tokens on both routes, unary and streamed, every time; logprobs come
+    in OpenAI's shapes with the engine's values."""
+    from pace_core import SamplingConfig
+
+    c = server["client"]
+    prompt = PROMPTS[0]
+    ref = engine.generate(prompt, SamplingConfig(max_new_tokens=16, logprobs=2, **SAMPLED))
+    body = {"prompt": prompt, "max_tokens": 16, "logprobs": 2, **SAMPLED_HTTP}
+    choice = c.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["text"] == ref.text
+    assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == ref.text  # a seed: every time
+    lp = choice["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert lp["tokens"] == [e["token"] for e in ref.logprobs]
+    assert lp["token_logprobs"] == pytest.approx([e["logprob"] for e in ref.logprobs])
+    assert lp["top_logprobs"] == [{a["token"]: pytest.approx(a["logprob"]) for a in e["top_logprobs"]}
+                                  for e in ref.logprobs]
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == ref.text
+    streamed = _streamed_logprobs(events, chat=False)
+    assert [e["tokens"] for e in streamed] == lp["tokens"] and [e["text_offset"] for e in streamed] == lp["text_offset"]
+
+    messages = [{"role": "user", "content": "write a loop"}]
+    ref = engine.chat(messages, SamplingConfig(max_new_tokens=16, logprobs=2, **SAMPLED))
+    body = {"messages": messages, "max_tokens": 16, "logprobs": True, "top_logprobs": 2, **SAMPLED_HTTP}
+    choice = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice["message"]["content"] == ref.text
+    content = choice["logprobs"]["content"]
+    assert [x["token"] for x in content] == [e["token"] for e in ref.logprobs]
+    assert [x["logprob"] for x in content] == pytest.approx([e["logprob"] for e in ref.logprobs])
+    for x in content:
+        assert x["bytes"] == list(x["token"].encode()) and len(x["top_logprobs"]) == 2
+        assert set(x["top_logprobs"][0]) == {"token", "logprob", "bytes"}
+    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == ref.text
+    assert _streamed_logprobs(events, chat=True) == content
+    plain = c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4}).json()["choices"][0]
+    assert plain["logprobs"] is None
+    no_top = c.post("/v1/chat/completions", json={**body, "top_logprobs": None}).json()["choices"][0]
+    assert all(x["top_logprobs"] == [] for x in no_top["logprobs"]["content"])
+
+
+def test_sampling_through_handle_calls_with_amd_pace_names(server, engine):
+    from ray import serve
+
+    from pace_core import SamplingConfig
+
+    handle = serve.get_app_handle("pace")
+    pace = {"max_new_tokens": 12, "do_sample": True, "temperature": 0.7, "sampling_seed": 5, "min_new_tokens": 2,
+            "repetition_penalty": 1.2, "stop_strings": ["\n\n"], "return_logprobs": True}
+    ref = engine.generate(PROMPTS[1], SamplingConfig(**pace))
+    out = handle.generate.remote(PROMPTS[1], pace).result(timeout_s=60)
+    assert out["token_ids"] == ref.token_ids and [e["logprob"] for e in out["logprobs"]] == pytest.approx(
+        [e["logprob"] for e in ref.logprobs])
+    out = handle.generate.remote(PROMPTS[1], SamplingConfig(**pace)).result(timeout_s=60)
+    assert out["token_ids"] == ref.token_ids
+    chunks = list(handle.options(stream=True).generate_stream.remote(PROMPTS[1], pace))
+    assert [t for ch in chunks for t in ch["token_ids"]] == ref.token_ids
+    assert [e["token_id"] for ch in chunks for e in ch["logprobs"]] == ref.token_ids
+    with pytest.raises(Exception, match="contradicts"):
+        handle.generate.remote("x", {"do_sample": False, "temperature": 0.7}).result(timeout_s=60)
 
 
 # ----------------------------------------------------------------------------- deploy-time validation
