@@ -5,13 +5,23 @@ A replica calls :func:`claim_slot_and_pin` in its constructor BEFORE loading wei
 1. it discovers this host's slots (:mod:`pace_core.topology`; ``PACE_TOPOLOGY``
    simulates one),
 2. claims the first free one with OS file locks: one lock file per CPU
-   (``$PACE_SLOT_DIR``, default ``/tmp/pace-slots``, file ``cpu-<n>.lock``), taken
-   with ``fcntl.flock(LOCK_EX | LOCK_NB)``. A slot is claimed when all of its CPUs'
-   locks are held. The kernel drops the locks when the process dies (even on
-   SIGKILL), so a crashed replica's slot is free again at once; there is no central
-   bookkeeping that can go stale. Locking CPUs rather than slot numbers keeps
-   processes that split the host differently (another ``cores_per_slot``) from
-   ever sharing a CPU.
+   (file ``cpu-<n>.lock``), taken with ``fcntl.flock(LOCK_EX | LOCK_NB)``. A slot is
+   claimed when all of its CPUs' locks are held. The kernel drops the locks when the
+   process dies (even on SIGKILL), so a crashed replica's slot is free again at once;
+   there is no central bookkeeping that can go stale. Locking CPUs rather than slot
+   numbers keeps processes that split the host differently (another
+   ``cores_per_slot``) from ever sharing a CPU.
+
+   The lock directory is private by default: ``/tmp/pace-slots-<uid>``, mode 0700,
+   owned by the user (it is refused, with a message naming the fix, if it is a
+   symlink or another user's), so that no other local user can hold the slots or
+   plant links; every lock file is opened with ``O_NOFOLLOW`` relative to the
+   directory. It depends on the uid only (not on ``$XDG_RUNTIME_DIR``, which differs
+   between sessions of one user and vanishes at logout), so all of a user's
+   processes on a host agree on it. ``$PACE_SLOT_DIR`` overrides it: one directory
+   per host or pod, or a directory shared by several users' servers on one host
+   (create it with the group permissions they need; a lock file another user
+   created is locked through a read-only descriptor, as ``flock`` allows).
 3. pins itself: CPU affinity of every thread of the process, ``torch.set_num_threads``,
    ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, and a best-effort ``set_mempolicy``
    (MPOL_BIND to the slot's NUMA node; ``PACE_MEMBIND=preferred`` or ``off``).
@@ -54,7 +64,7 @@ SLOT_DIR_ENV = "PACE_SLOT_DIR"
 PIN_ENV = "PACE_PIN"
 MEMBIND_ENV = "PACE_MEMBIND"
 WAIT_ENV = "PACE_SLOT_WAIT_S"
-DEFAULT_SLOT_DIR = "/tmp/pace-slots"
+DEFAULT_SLOT_DIR = "/tmp/pace-slots-{uid}"
 DEFAULT_WAIT_S = 10.0
 
 try:
@@ -67,25 +77,60 @@ class NoFreeSlotError(RuntimeError):
     """Every slot on this host is held by another process."""
 
 
+class SlotDirError(RuntimeError):
+    """The default lock directory is not safe to use (a symlink, or another user's)."""
+
+
 def pinning_enabled() -> bool:
     return os.environ.get(PIN_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def slot_dir() -> Path:
-    return Path(os.environ.get(SLOT_DIR_ENV) or DEFAULT_SLOT_DIR)
+    return Path(os.environ.get(SLOT_DIR_ENV) or DEFAULT_SLOT_DIR.format(uid=os.geteuid()))
 
 
-def _lock_path(directory: Path, cpu: int) -> Path:
-    return directory / f"cpu-{cpu}.lock"
-
-
-def _open_lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    try:  # let other users' replicas share the directory
-        os.fchmod(fd, 0o666)
-    except OSError:
-        pass
+def _open_dir(directory: Path, create: bool = True) -> int | None:
+    """A descriptor of the lock directory (None if it does not exist and ``create`` is
+    false). A missing directory is created with mode 0700. The default directory must
+    be a real directory owned by this user, and is made private (0700) if it is not."""
+    default = directory == Path(DEFAULT_SLOT_DIR.format(uid=os.geteuid()))
+    if create:
+        directory.mkdir(mode=0o700, parents=not default, exist_ok=True)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if default else 0)
+    try:
+        fd = os.open(directory, flags)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+    except OSError as err:
+        raise SlotDirError(f"the slot lock directory {directory} cannot be used ({err.strerror}; a symlink is "
+                           f"refused): remove it, or set {SLOT_DIR_ENV} to a directory of your own") from None
+    if default:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            os.close(fd)
+            raise SlotDirError(f"the slot lock directory {directory} belongs to another user (uid {st.st_uid}), who "
+                               f"could hold or release this user's slots: remove it, or set {SLOT_DIR_ENV} to a "
+                               "directory of your own")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o700)
     return fd
+
+
+def _lock_name(cpu: int) -> str:
+    return f"cpu-{cpu}.lock"
+
+
+def _open_lock(dir_fd: int, cpu: int) -> tuple[int, bool]:
+    """The CPU's lock file (created if missing, never through a symlink) and whether it
+    is writable: in a shared directory, another user's lock file is opened read-only,
+    which is enough for flock."""
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(_lock_name(cpu), flags | os.O_RDWR, 0o644, dir_fd=dir_fd), True
+    except PermissionError:
+        return os.open(_lock_name(cpu), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd), False
 
 
 def _try_lock(fd: int) -> bool:
@@ -98,11 +143,15 @@ def _try_lock(fd: int) -> bool:
         raise
 
 
-def _read_holder(path: Path) -> str:
+def _read_holder(dir_fd: int, cpu: int) -> str:
     try:
-        return path.read_text().strip() or "?"
+        fd = os.open(_lock_name(cpu), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return "?"
+    try:
+        return os.read(fd, 512).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -156,17 +205,20 @@ class SlotClaim:
         }
 
 
-def _lock_slot(slot: Slot, directory: Path) -> list[int] | None:
+def _lock_slot(slot: Slot, dir_fd: int) -> list[int] | None:
     """Lock every CPU of ``slot``; return the fds, or None (nothing held) if any CPU
     is taken."""
     fds: list[int] = []
+    writable: list[int] = []
     try:
         for cpu in slot.cpus:
-            fd = _open_lock(_lock_path(directory, cpu))
+            fd, can_write = _open_lock(dir_fd, cpu)
             if not _try_lock(fd):
                 os.close(fd)
                 raise BlockingIOError
             fds.append(fd)
+            if can_write:
+                writable.append(fd)
     except BlockingIOError:
         for fd in fds:
             os.close(fd)  # closing drops the lock
@@ -176,7 +228,7 @@ def _lock_slot(slot: Slot, directory: Path) -> list[int] | None:
             os.close(fd)
         raise
     info = f"pid={os.getpid()} host={platform.node()} slot={slot.index} cpus={format_cpulist(slot.cpus)}\n"
-    for fd in fds:
+    for fd in writable:  # who holds it, for NoFreeSlotError and slot_status
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
     return fds
@@ -196,25 +248,24 @@ def claim_slot(slots: list[Slot] | None = None, cores_per_slot: int | None = Non
     if wait_s is None:
         wait_s = float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S))
     directory = Path(lock_dir) if lock_dir is not None else slot_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    dir_fd = _open_dir(directory)
     try:
-        os.chmod(directory, 0o1777)
-    except OSError:
-        pass
-    deadline = time.monotonic() + max(0.0, wait_s)
-    while True:
-        for slot in slots:
-            fds = _lock_slot(slot, directory)
-            if fds is not None:
-                return SlotClaim(slot=slot, lock_dir=str(directory), pid=os.getpid(),
-                                 hostname=platform.node(), _fds=fds)
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.2)
-    holders = "; ".join(
-        f"slot {s.index} (cpus {format_cpulist(s.cpus)}): "
-        + ", ".join(sorted({_read_holder(_lock_path(directory, c)) for c in s.cpus}))
-        for s in slots)
+        deadline = time.monotonic() + max(0.0, wait_s)
+        while True:
+            for slot in slots:
+                fds = _lock_slot(slot, dir_fd)
+                if fds is not None:
+                    return SlotClaim(slot=slot, lock_dir=str(directory), pid=os.getpid(),
+                                     hostname=platform.node(), _fds=fds)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        holders = "; ".join(
+            f"slot {s.index} (cpus {format_cpulist(s.cpus)}): "
+            + ", ".join(sorted({_read_holder(dir_fd, c) for c in s.cpus}))
+            for s in slots)
+    finally:
+        os.close(dir_fd)
     raise NoFreeSlotError(
         f"no free NUMA slot on {platform.node()} after {wait_s:g}s: all {len(slots)} slot(s) "
         f"are held ({holders}). Lock dir: {directory}. Each replica needs one slot; "
@@ -226,22 +277,28 @@ def slot_status(slots: list[Slot] | None = None, cores_per_slot: int | None = No
     """Which slots of this host are held, and by whom (probes the locks)."""
     slots = host_slots(cores_per_slot) if slots is None else slots
     directory = Path(lock_dir) if lock_dir is not None else slot_dir()
+    dir_fd = _open_dir(directory, create=False)
+    if dir_fd is None:  # no lock directory yet: nothing was ever claimed
+        return [{**s.to_dict(), "free": True, "held_by": []} for s in slots]
     out = []
-    for s in slots:
-        held_by = []
-        for cpu in s.cpus:
-            p = _lock_path(directory, cpu)
-            if not p.exists():
-                continue
-            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _try_lock(fd):
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                else:
-                    held_by.append(_read_holder(p))
-            finally:
-                os.close(fd)
-        out.append({**s.to_dict(), "free": not held_by, "held_by": sorted(set(held_by))})
+    try:
+        for s in slots:
+            held_by = []
+            for cpu in s.cpus:
+                try:
+                    fd = os.open(_lock_name(cpu), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    continue
+                try:
+                    if _try_lock(fd):
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                    else:
+                        held_by.append(_read_holder(dir_fd, cpu))
+                finally:
+                    os.close(fd)
+            out.append({**s.to_dict(), "free": not held_by, "held_by": sorted(set(held_by))})
+    finally:
+        os.close(dir_fd)
     return out
 
 

@@ -188,3 +188,107 @@ def test_in_process_claim_release_and_status(env, tmp_path):
     assert slots  # the real host has at least one slot
     with pytest.raises(numa.NoFreeSlotError, match="no slot"):
         numa.claim_slot([], wait_s=0)
+
+
+FAKE = [(0, 0, (900,)), (1, 0, (901,))]
+
+
+@pytest.fixture
+def default_dir(tmp_path, monkeypatch):
+    """The default (private) lock directory, relocated under tmp_path."""
+    from pace_core import numa
+
+    monkeypatch.delenv("PACE_SLOT_DIR", raising=False)
+    monkeypatch.setattr(numa, "DEFAULT_SLOT_DIR", str(tmp_path / "pace-slots-{uid}"))
+    return tmp_path / f"pace-slots-{os.geteuid()}"
+
+
+def test_default_lock_dir_is_private_and_claims_stay_crash_safe(default_dir):
+    from pace_core import numa
+
+    fake = [numa.Slot(*s) for s in FAKE]
+    with numa.claim_slot(fake, wait_s=0) as claim:
+        assert claim.lock_dir == str(default_dir) == str(numa.slot_dir())
+        assert os.stat(default_dir).st_mode & 0o777 == 0o700
+        assert os.stat(default_dir).st_uid == os.geteuid()
+    os.chmod(default_dir, 0o777)  # opened up by someone: closed again at the next claim
+    numa.claim_slot(fake, wait_s=0).release()
+    assert os.stat(default_dir).st_mode & 0o777 == 0o700
+
+
+def test_default_lock_dir_refuses_a_symlink_or_another_users_directory(default_dir, tmp_path):
+    from pace_core import numa
+
+    fake = [numa.Slot(*s) for s in FAKE]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    default_dir.symlink_to(elsewhere)
+    with pytest.raises(numa.SlotDirError, match="PACE_SLOT_DIR"):
+        numa.claim_slot(fake, wait_s=0)
+    assert list(elsewhere.iterdir()) == []
+    default_dir.unlink()
+    if os.geteuid() != 0:
+        pytest.skip("chown to another user needs root")
+    default_dir.mkdir(mode=0o700)
+    os.chown(default_dir, 65534, 65534)
+    with pytest.raises(numa.SlotDirError, match="belongs to another user"):
+        numa.claim_slot(fake, wait_s=0)
+
+
+def test_lock_files_are_never_opened_through_a_symlink(env, tmp_path):
+    """A lock file planted as a symlink is refused; its target is untouched."""
+    import errno
+
+    from pace_core import numa
+
+    lock_dir = Path(env["PACE_SLOT_DIR"])
+    lock_dir.mkdir(mode=0o700)
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    (lock_dir / "cpu-900.lock").symlink_to(target)
+    with pytest.raises(OSError) as err:
+        numa.claim_slot([numa.Slot(*FAKE[0])], wait_s=0)
+    assert err.value.errno == errno.ELOOP
+    assert target.read_text() == "keep me\n"
+
+
+def test_shared_lock_dir_other_users_lock_files_are_locked_read_only():
+    """PACE_SLOT_DIR shared by two users: the second user cannot write the first one's
+    lock file (mode 0644), locks it through a read-only descriptor, and the slot is
+    held for both."""
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a process as another user")
+    from pace_core import numa
+
+    shared = Path(tempfile.mkdtemp(prefix="pace-shared-slots-", dir="/tmp"))  # reachable by the other user
+    os.chmod(shared, 0o1777)  # the shared set-up's choice
+    fake = numa.Slot(*FAKE[0])
+    numa.claim_slot([fake], wait_s=0, lock_dir=shared).release()  # root's lock file now exists, 0644
+    assert os.stat(shared / "cpu-900.lock").st_mode & 0o777 == 0o644
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the other user: a forked child that drops root
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            claim = numa.claim_slot([fake], wait_s=0, lock_dir=shared)
+            os.write(ready_w, b"held" if claim.held else b"none")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(ready_w)  # the child's error (no write) reads as EOF
+    try:
+        assert os.read(ready_r, 16) == b"held"
+        with pytest.raises(numa.NoFreeSlotError):
+            numa.claim_slot([fake], wait_s=0, lock_dir=shared)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+    try:
+        numa.claim_slot([fake], wait_s=0, lock_dir=shared).release()  # free again once it died
+    finally:
+        shutil.rmtree(shared)
