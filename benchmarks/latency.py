@@ -4,9 +4,12 @@ its cap), and AMD PACE 1.3.0 (without a draft, and with PARD for K = 4, 8, 12) w
 its venv exists, next to this engine under PACE's own protocol. Greedy, same prompts,
 warm-up excluded; in-process variants interleaved per prompt, fresh-process ones run
 in every round, so machine drift hits all alike. Every variant's tokens are checked
-against HF greedy.
+against HF greedy. With ``--temperature T`` two sampled rows join (seeded per prompt,
+not compared with HF greedy): this engine without a draft and with PARD (speculative
+sampling, adaptive K up to the largest K).
 
     python benchmarks/latency.py                       # demo pair, held-out prompts
+    python benchmarks/latency.py --ks 8 --temperature 0.7 --no-assisted --pace off   # sampling
     python benchmarks/latency.py --target DIR --draft DIR --ks 1,2,4,8 --max-new-tokens 128
     python benchmarks/latency.py --smoke               # tiny random models, seconds (CI)
 
@@ -87,13 +90,14 @@ def run_hf(model, prompt_ids, n, assistant=None, tokenizer=None) -> tuple[list[i
     return ids, latency_record(tl.chunks, dt, len(ids), None)
 
 
-def run_engine(llm, k, prompt_ids, n, schedule="fixed") -> tuple[list[int], dict]:
+def run_engine(llm, k, prompt_ids, n, schedule="fixed", temperature=0.0) -> tuple[list[int], dict]:
     from pace_core import SamplingConfig
 
     llm.num_speculative_tokens, llm.speculation_schedule = k, schedule
+    sampled = {"temperature": temperature, "seed": len(prompt_ids)} if temperature else {}
     t0 = time.perf_counter()
     chunks, ids, stats = [], [], None
-    for c in llm.stream(prompt_ids, SamplingConfig(max_new_tokens=n, return_text=False)):
+    for c in llm.stream(prompt_ids, SamplingConfig(max_new_tokens=n, return_text=False, **sampled)):
         chunks.append((time.perf_counter() - t0, len(c.token_ids)))
         ids += c.token_ids
         stats = c.stats
@@ -137,8 +141,8 @@ def summarize(name, k, records, reference, outputs, family=None) -> dict:
     seconds = sum(r["seconds"] for r in records)
     itl = [x for r in records for x in r["itl"]]
     acc = [r["accepted"] for r in records if r.get("accepted") is not None]
-    same = sum(a == b for out, ref in zip(outputs, reference) for a, b in zip(out, ref))
-    total = sum(len(ref) for ref in reference)
+    same = sum(a == b for out, ref in zip(outputs, reference or []) for a, b in zip(out, ref))
+    total = sum(len(ref) for ref in reference or [])  # no reference: a sampled row
     return {
         "variant": name, "k": k, "family": family, "tokens": tokens, "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else 0.0,
@@ -167,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pace-ks", default="4,8,12", help="K values for AMD PACE's PARD (its best K on the demo "
                                                         "pair is 8 or 12; 'all' = --ks)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency"))
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="also sample at this temperature, without a draft and with PARD (adaptive, largest K)")
     ap.add_argument("--smoke", action="store_true", help="tiny random models, 2 prompts, few tokens (CI)")
     ap.add_argument("--replot", action="store_true", help="only redraw <out>.md/.png from <out>.json")
     a = ap.parse_args(argv)
@@ -186,7 +192,7 @@ def main(argv=None) -> int:
 
         tmp = tempfile.mkdtemp(prefix="pace-smoke-")
         a.target, a.draft = build_pair(tmp, "qwen2")
-        a.num_prompts, a.max_new_tokens, a.ks, a.rounds, a.pace = 2, 8, "1,2", 1, "off"
+        a.num_prompts, a.max_new_tokens, a.ks, a.rounds, a.pace, a.temperature = 2, 8, "1,2", 1, "off", 0.7
         a.prompts = None
     ks = [int(k) for k in a.ks.split(",") if k]
     target, draft = resolve_model_path(a.target), resolve_model_path(a.draft)
@@ -212,6 +218,13 @@ def main(argv=None) -> int:
             name = f"pace_core PARD K={k}" if schedule == "fixed" else f"pace_core PARD adaptive K<={k}"
             family[name] = FIXED if schedule == "fixed" else ADAPTIVE
             variants.append((name, k, lambda ids, k=k, s=schedule: run_engine(llm, k, ids, a.max_new_tokens, s)))
+    sampled = set()  # rows sampled at --temperature: not compared with HF greedy
+    if a.temperature:
+        t, k = a.temperature, max(ks)
+        sampled = {f"pace_core K=0, T={t}", f"pace_core PARD adaptive K<={k}, T={t}"}
+        variants.append((f"pace_core K=0, T={t}", 0, lambda ids: run_engine(llm, 0, ids, a.max_new_tokens, temperature=t)))
+        variants.append((f"pace_core PARD adaptive K<={k}, T={t}", k,
+                         lambda ids: run_engine(llm, k, ids, a.max_new_tokens, "adaptive", t)))
 
     pace_runs = []  # AMD PACE from its own venv: one subprocess per variant and round
     if a.pace == "auto" and (PACE_VENV / "bin" / "python").is_file() and (PACE_ANCHORS / "pace_bench.py").is_file():
@@ -249,7 +262,8 @@ def main(argv=None) -> int:
             if not outputs[label]:
                 outputs[label] = [r["new_token_ids"] for r in res["results"]]
     reference = outputs["HF greedy"]
-    rows = [summarize(name, k, records[name], reference, outputs[name], family.get(name)) for name, k, _ in variants]
+    rows = [summarize(name, k, records[name], None if name in sampled else reference, outputs[name], family.get(name))
+            for name, k, _ in variants]
     for label, d, k, engine in pace_runs:
         if records[label]:
             fam = None if not d else PACE_PARD if engine == "pace" else ADAPTIVE_PACE_PROTOCOL
@@ -261,7 +275,7 @@ def main(argv=None) -> int:
     for r in rows:
         r["speedup_vs_hf_greedy"] = r["tokens_per_s"] / base if base else None
     meta = {"target": target, "draft": draft, "dtype": a.dtype, "threads": a.threads, "prompts": len(prompts),
-            "max_new_tokens": a.max_new_tokens, "rounds": a.rounds, "cpu": _cpu_name(),
+            "max_new_tokens": a.max_new_tokens, "rounds": a.rounds, "cpu": _cpu_name(), "temperature": a.temperature,
             "command": "python benchmarks/latency.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     write_outputs(Path(a.out), meta, rows)
     return 0
