@@ -53,6 +53,11 @@ class AppArgs(BaseModel):
     # streaming: send accepted tokens at most every this many ms (0: every step); the
     # first token always goes at once
     stream_interval_ms: float = Field(0.0, ge=0, le=1000)
+    # size limits, checked by the router before any work: a larger body is a 413, a
+    # longer prompt (characters, or token ids) a 400. The router sends a request to its
+    # replica as one message of at most 4 MiB (Ray Serve's gRPC limit), hence the cap.
+    max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024, le=3 * 1024 * 1024)
+    max_prompt_chars: int = Field(1_000_000, ge=1)
     api_key: str | None = None  # or the PACE_API_KEY environment variable
     trust_remote_code: bool = False
     # the sampling fields of the target's generation_config.json are the defaults of

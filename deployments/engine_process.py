@@ -14,6 +14,13 @@ request early (after the current step). No model math happens on the replica's s
 
 Messages from the engine: ("ready", info), ("load_error", message),
 ("chunk", dict), ("user_error", message), ("end", error message or None).
+
+Nothing a request carries can end the engine process: a request that fails in any
+way is answered with ("user_error", ...) (a ValueError: the client's mistake) or
+("end", message) (anything else, logged here with the request's id), and the engine
+waits for the next one. If the process dies anyway (killed, out of memory, a crash in
+native code), the replica notices at once and starts a new one on the same slot
+(:mod:`deployments.replica`).
 """
 from __future__ import annotations
 
@@ -49,27 +56,44 @@ def load_model(args: dict, num_threads: int | None = None):
 
 
 class EngineError(RuntimeError):
-    """The engine process died or broke the protocol: the replica must be replaced."""
+    """The engine process died (or broke the protocol) while serving a request."""
+
+
+class EngineUnavailable(EngineError):
+    """The replica has no engine (its restart failed): the request was not started, and
+    the router retries it on another replica."""
 
 
 class EngineProcess:
-    """Start the engine process and wait until its model is loaded."""
+    """Start the engine process and (unless ``wait=False``) wait until its model is
+    loaded; with ``wait=False`` call :meth:`wait_ready` once :meth:`fileno` is readable."""
 
-    def __init__(self, args: dict, slot=None):
+    def __init__(self, args: dict, slot=None, wait: bool = True):
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "deployments.engine_process", str(theirs.fileno())],
                                      pass_fds=[theirs.fileno()], env=env)
         theirs.close()
         self.conn = Connection(ours.detach())
+        self.info: dict = {}  # once loaded: pid, model description, pinning
         self.send((args, slot))
-        kind, payload = self.recv()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Receive the engine's load result; raises ModelLoadError (or EngineError if
+        the process died while loading)."""
+        try:
+            kind, payload = self.recv()
+        except EngineError:
+            self.close()
+            raise
         if kind == "load_error":
             self.close()
             from pace_core.loading import ModelLoadError
 
             raise ModelLoadError(payload)
-        self.info: dict = payload  # pid, model description, pinning
+        self.info = payload
 
     @property
     def pid(self) -> int:
@@ -147,15 +171,25 @@ def _prepare(model, request: dict):
     return prompt_ids, sampling
 
 
-def _serve_request(model, conn: Connection, request: dict) -> None:
+def _serve_request(model, conn: Connection, request) -> None:
+    """Answer one request; whatever it holds, the engine survives it (a Rust panic in a
+    tokenizer is a BaseException, hence the wide catch)."""
+    rid = request.get("request_id") if isinstance(request, dict) else None
     try:
         prompt_ids, sampling = _prepare(model, request)
     except USER_ERRORS as err:
         conn.send(("user_error", error_message(err)))
         return
-    chunks = model.stream(prompt_ids, sampling)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:
+        logger.exception("request %s: could not be prepared", rid)
+        conn.send(("end", "the request could not be prepared"))
+        return
     error = None
+    chunks = None
     try:
+        chunks = model.stream(prompt_ids, sampling)
         for chunk in chunks:
             out = {"text": chunk.text, "token_ids": chunk.token_ids, "finish_reason": chunk.finish_reason,
                    "num_prompt_tokens": len(prompt_ids)}
@@ -163,15 +197,19 @@ def _serve_request(model, conn: Connection, request: dict) -> None:
                 out["logprobs"] = chunk.logprobs
             if chunk.finish_reason:
                 out["stats"] = chunk.stats.to_dict()
+                out["engine_pid"] = os.getpid()
             conn.send(("chunk", out))
             if conn.poll():  # the only message that can arrive mid-request is "stop"
                 conn.recv()
                 break
-    except Exception as err:  # surfaces in the request; the engine keeps serving
-        logger.exception("request failed in the engine")
+    except (KeyboardInterrupt, SystemExit, BrokenPipeError, ConnectionResetError):
+        raise  # stopped, or the replica is gone
+    except BaseException as err:  # surfaces in the request; the engine keeps serving
+        logger.exception("request %s failed in the engine", rid)
         error = f"{type(err).__name__}: {err}"
     finally:
-        chunks.close()
+        if chunks is not None:
+            chunks.close()
     conn.send(("end", error))
 
 
@@ -222,7 +260,10 @@ def main(fd: int) -> None:
         except (EOFError, OSError):
             return  # the replica is gone
         if kind == "generate":
-            _serve_request(model, conn, payload)
+            try:
+                _serve_request(model, conn, payload)
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the replica is gone
         # a "stop" that raced with the end of its request: nothing to stop
 
 

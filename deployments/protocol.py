@@ -44,7 +44,7 @@ class _Common(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     min_tokens: int | None = Field(None, ge=0)  # vLLM extension
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # {"token id": bias}
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)  # the range torch's generators take
     stop: str | list[str] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -157,6 +157,52 @@ class ChatCompletionRequest(_Common):
 
     def plain_messages(self) -> list[dict]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode text (a lone UTF-16 surrogate, which JSON's
+    ``\\ud800`` escapes allow and no tokenizer can encode), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (f"contains a lone UTF-16 surrogate (U+{ord(text[err.start]):04X} at character {err.start}), "
+                "which is not valid Unicode text: send whole characters (surrogates only in escaped pairs)")
+    return None
+
+
+def check_generation_request(request: dict, max_prompt_chars: int) -> None:
+    """The checks every generation request passes in the router, from HTTP and from
+    handle calls alike, before it reaches a replica: the prompt's type, valid Unicode
+    in every text (prompt, message contents, stop strings) and the prompt's size.
+    Raises APIError(400) naming the field."""
+    texts: list[tuple[str, str]] = []
+    if request.get("messages") is not None:
+        texts += [(f"messages[{i}].content", m["content"]) for i, m in enumerate(request["messages"])]
+        size, field = sum(len(m["content"]) for m in request["messages"]), "messages"
+    else:
+        prompt = request.get("prompt")
+        if isinstance(prompt, str):
+            texts.append(("prompt", prompt))
+        elif not (isinstance(prompt, list) and all(type(t) is int for t in prompt)):
+            raise APIError(400, "prompt must be a string or a list of token ids (integers)", "prompt")
+        size, field = len(prompt), "prompt"
+    if size > max_prompt_chars:
+        raise APIError(400, f"the {field} is {size:,} characters (or token ids) long; this server accepts at most "
+                            f"{max_prompt_chars:,} (app argument max_prompt_chars)", field, code="prompt_too_long")
+    stop = (request.get("sampling") or {}).get("stop")
+    texts += [("stop", s) for s in ([stop] if isinstance(stop, str) else stop or []) if isinstance(s, str)]
+    for field, text in texts:
+        problem = text_problem(text)
+        if problem:
+            raise APIError(400, f"{field} {problem}", field.split("[")[0])
+
+
+def plain_messages(messages) -> list[dict]:
+    """Chat messages as {"role", "content": str} dicts, validated as an HTTP body's are
+    (raises pydantic's ValidationError or APIError)."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    return [{"role": m.role, "content": m.text()} for m in (ChatMessage.model_validate(m) for m in messages)]
 
 
 def new_id(prefix: str) -> str:

@@ -1,7 +1,16 @@
 """The replica: one LLMModel (target + optional PARD draft) pinned to one NUMA slot,
 serving one request at a time. The model lives in the replica's engine process
 (:mod:`deployments.engine_process`), so Serve's own threads never share a GIL with
-the decoding loop; this actor only claims the slot, relays requests and streams."""
+the decoding loop; this actor only claims the slot, relays requests and streams.
+
+A dead engine costs one request: the replica watches its engine process (a pidfd on
+the event loop), so it notices the death at once, not at the next health check. The
+request that was on the engine fails (:class:`EngineError`; the router answers a 500,
+or an SSE error event once streaming began), and a new engine starts on the same slot
+(the slot stays claimed). Requests that arrive meanwhile wait for it; if it cannot
+start, they fail with :class:`EngineUnavailable` before anything was sent, and the
+router retries them on another replica. The health check fails only while the
+replica has no engine."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +20,7 @@ import time
 
 from ray import serve
 
-from .engine_process import EngineProcess
+from .engine_process import EngineError, EngineProcess, EngineUnavailable
 
 logger = logging.getLogger("ray.serve")
 
@@ -26,48 +35,129 @@ def join_chunks(chunks: list[dict]) -> dict:
     return out
 
 
+async def _readable(fd: int) -> None:
+    """Wait until ``fd`` is readable, without blocking the event loop."""
+    loop = asyncio.get_running_loop()
+    readable = loop.create_future()
+    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
+        # uvloop (libuv) leaves a watched fd non-blocking; the engine's socket must
+        # block, or a large request fails to send with EAGAIN
+        os.set_blocking(fd, True)
+
+
 @serve.deployment(max_ongoing_requests=1, health_check_period_s=5, graceful_shutdown_timeout_s=5)
 class LLMReplica:
-    def __init__(self, args: dict):
+    async def __init__(self, args: dict):
         from pace_core.numa import claim_slot, pinning_enabled
 
         # the slot is claimed (locked) here, for as long as this actor lives; the
         # engine process pins itself to it before loading (first touch then places the
-        # weights in the slot's memory)
+        # weights in the slot's memory), and so does a restarted engine
         pin = args.get("pin", True) and pinning_enabled()
         self.slot = claim_slot(cores_per_slot=args.get("cores_per_slot")) if pin else None
-        t0 = time.perf_counter()
+        self.args = args
+        self.engine: EngineProcess | None = None
+        self.engine_starts = 0
+        self._restarting: asyncio.Task | None = None
+        self._busy = asyncio.Lock()  # one request at a time on the engine's socket
         try:
-            self.engine = EngineProcess(args, self.slot.slot if self.slot else None)
+            await self._start_engine()
         except BaseException:
             if self.slot:
                 self.slot.release()
             raise
-        self.load_s = time.perf_counter() - t0
         if self.slot:
             self.slot.affinity = self.engine.info["cpu_affinity"]
             self.slot.torch_threads = self.engine.info["torch_threads"]
             self.slot.membind = self.engine.info.get("membind") or self.slot.membind
         self.stream_interval_s = args.get("stream_interval_ms", 0) / 1000
-        self._busy = asyncio.Lock()  # one request at a time on the engine's socket
         self.requests_served = 0
         self.tokens_generated = 0
         self.last_request: dict = {}  # tokens generated and finish reason of the latest request
         logger.info("replica pid %d: engine pid %d loaded %s in %.1fs; slot %s", os.getpid(), self.engine.pid,
                     args["target"], self.load_s, self.slot.to_dict() if self.slot else "none (not pinned)")
 
+    # ------------------------------------------------------------------ the engine's life
+    async def _start_engine(self) -> None:
+        """Start an engine process and wait for its model, without blocking the loop.
+        The process is started from the loop's thread, which lives as long as the
+        replica (the engine's parent-death signal follows the thread that started it)."""
+        t0 = time.perf_counter()
+        engine = EngineProcess(self.args, self.slot.slot if self.slot else None, wait=False)
+        try:
+            await _readable(engine.fileno())
+            engine.wait_ready()
+        except BaseException:
+            engine.close()
+            raise
+        self.load_s = time.perf_counter() - t0
+        self.engine_starts += 1
+        self.engine = engine
+        self._watch(engine)
+
+    def _watch(self, engine: EngineProcess) -> None:
+        """Call :meth:`_engine_gone` as soon as the engine process exits."""
+        try:
+            pidfd = os.pidfd_open(engine.pid)
+        except (AttributeError, OSError):  # no pidfd (old kernel): the socket's EOF still tells, at the next request
+            return
+        loop = asyncio.get_running_loop()
+
+        def exited():
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self._engine_gone(engine)
+
+        loop.add_reader(pidfd, exited)
+
+    def _engine_gone(self, engine: EngineProcess) -> None:
+        """The engine died: start a new one (once per dead engine). Only the user of
+        the dead engine's socket closes it: this method when idle, else the request on
+        it, which sees EOF at once."""
+        if engine is not self.engine:
+            return
+        self.engine = None
+        if not self._busy.locked():
+            engine.close()
+        engine.proc.poll()
+        logger.error("the engine process (pid %d) exited with code %s; starting a new one on the same slot",
+                     engine.pid, engine.proc.returncode)
+        self._restarting = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        try:
+            await self._start_engine()
+        except Exception:
+            logger.exception("the engine could not be restarted; this replica stays unhealthy until Serve "
+                             "replaces it, and its requests are retried on other replicas")
+            return
+        logger.info("engine pid %d restarted in %.1fs", self.engine.pid, self.load_s)
+
+    # ------------------------------------------------------------------ requests
     async def stream(self, request: dict):
         """Yield dicts: {"text", "token_ids", "finish_reason", "num_prompt_tokens"} as
         tokens are accepted (chunks the transport had no time to send yet go out
-        together), the last with "stats"; a user error yields one {"error": ...}."""
+        together), the last with "stats"; a user error yields one {"error": ...}.
+        Raises EngineUnavailable (nothing started: retry elsewhere) or EngineError (the
+        engine died under this request)."""
         async with self._busy:
-            self.engine.send(("generate", request))
+            if self.engine is None and self._restarting is not None:
+                await asyncio.shield(self._restarting)  # a new engine is loading: wait for it
+            engine = self.engine
+            if engine is None:
+                raise EngineUnavailable("this replica's engine could not be restarted")
+            rid = request.get("request_id")
             self.last_request = {"tokens": 0, "finish_reason": None}
             ended = False
             try:
+                engine.send(("generate", request))
                 next_send = 0.0
                 while not ended:
-                    ready = await self._take_ready(next_send)
+                    ready = await self._take_ready(engine, next_send)
                     next_send = asyncio.get_running_loop().time() + self.stream_interval_s
                     chunks = []
                     for kind, payload in ready:
@@ -80,17 +170,28 @@ class LLMReplica:
                         elif kind == "end":
                             ended = True
                             if payload is not None:
-                                raise RuntimeError(f"generation failed: {payload}")
+                                logger.error("request %s failed in the engine: %s", rid, payload)
+                                raise RuntimeError(f"request {rid} failed in the engine (see the replica's log)")
                     if chunks:
                         yield join_chunks(chunks)
+            except EngineError as err:
+                ended = True
+                logger.error("request %s: %s", rid, err)
+                self._engine_gone(engine)
+                engine.close()
+                raise EngineError(f"the engine process stopped while serving request {rid}; it is restarting") from None
             finally:
                 # normal end, or the caller went away (cancellation): the engine stops
                 # after its current step, and the replica is free once it has
                 if not ended:
-                    self.engine.send(("stop", None))
-                    while not ended:
-                        kind, payload = await self._recv()
-                        ended = kind in ("end", "user_error")
+                    try:
+                        engine.send(("stop", None))
+                        while not ended:
+                            kind, payload = await self._recv(engine)
+                            ended = kind in ("end", "user_error")
+                    except EngineError:
+                        self._engine_gone(engine)
+                        engine.close()
                 self.requests_served += 1
 
     def _count(self, chunk: dict) -> None:
@@ -98,33 +199,27 @@ class LLMReplica:
         self.last_request["finish_reason"] = chunk["finish_reason"]
         self.tokens_generated += len(chunk["token_ids"])
 
-    async def _recv(self):
+    @staticmethod
+    async def _recv(engine):
         """The engine's next message, without blocking the event loop."""
-        if not self.engine.poll():
-            loop = asyncio.get_running_loop()
-            readable = loop.create_future()
-            fd = self.engine.fileno()
-            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
-            try:
-                await readable
-            finally:
-                loop.remove_reader(fd)
-        return self.engine.recv()
+        if not engine.poll():
+            await _readable(engine.fileno())
+        return engine.recv()
 
-    async def _take_ready(self, not_before: float) -> list:
+    async def _take_ready(self, engine, not_before: float) -> list:
         """At least one message; then every one already there, and those arriving until
         the loop time ``not_before``, stopping at the end of the request."""
         loop = asyncio.get_running_loop()
-        ready = [await self._recv()]
+        ready = [await self._recv(engine)]
         while ready[-1][0] == "chunk":
-            if self.engine.poll():
-                ready.append(self.engine.recv())
+            if engine.poll():
+                ready.append(engine.recv())
                 continue
             wait = not_before - loop.time()
             if wait <= 0:
                 break
             try:
-                ready.append(await asyncio.wait_for(self._recv(), wait))
+                ready.append(await asyncio.wait_for(self._recv(engine), wait))
             except asyncio.TimeoutError:
                 break
         return ready
@@ -140,22 +235,23 @@ class LLMReplica:
 
     def info(self) -> dict:
         return {
-            **self.engine.info,  # pid (the engine's), model, dtype, forward, cpu_affinity, torch threads
+            **(self.engine.info if self.engine else {"pid": None}),  # pid (the engine's), model, dtype, forward, ...
             "replica_pid": os.getpid(),
             "slot": self.slot.to_dict() if self.slot else None,
             "load_s": self.load_s,
+            "engine_starts": self.engine_starts,
             "requests_served": self.requests_served,
             "tokens_generated": self.tokens_generated,
             "last_request": dict(self.last_request),
         }
 
     def check_health(self) -> None:
-        if not self.engine.alive():
-            raise RuntimeError(f"the engine process (pid {self.engine.pid}) exited with code "
-                               f"{self.engine.proc.returncode}")
+        if self.engine is None:
+            raise RuntimeError("this replica has no engine process (it is restarting, or its restart failed)")
 
-    def __del__(self):
-        if getattr(self, "engine", None) is not None:
-            self.engine.close()
+    def __del__(self):  # Serve calls it on shutdown
+        engine, self.engine = getattr(self, "engine", None), None  # no restart for an engine stopped here
+        if engine is not None:
+            engine.close()
         if getattr(self, "slot", None) is not None:
             self.slot.release()

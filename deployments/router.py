@@ -2,6 +2,7 @@
 handle methods. It validates, admits (bounded queue), forwards to a free replica and
 formats; it does no model math."""
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -9,13 +10,15 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import NODE_ENV
 from .args import AppArgs
+from .engine_process import EngineUnavailable
 from .metrics import Metrics
 from .protocol import (
     APIError,
@@ -24,20 +27,51 @@ from .protocol import (
     chat_body,
     chat_chunk,
     chat_logprobs,
+    check_generation_request,
     completion_body,
     completion_chunk,
     completion_logprobs,
     new_id,
+    plain_messages,
     usage_chunk,
 )
 
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="pace-serve", description="PARD speculative decoding on CPU replicas, OpenAI-compatible")
 
+MAX_HEADER_BYTES = 32 * 1024  # all request headers together; beyond: 431
+RETRIES = 3  # a request that had not started on a replica when it failed is tried again, on another one
 
-def _error_response(err: APIError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if err.status in (429, 503) else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+class _JSON(JSONResponse):
+    """JSON with non-ASCII characters escaped, so that any text encodes (even a lone
+    surrogate that an error message quotes from a request)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
+def _error_response(err: APIError, headers: dict | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if err.status in (429, 503):
+        headers["Retry-After"] = "1"
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return _JSON(err.body(), status_code=err.status, headers=headers)
+
+
+def _internal_error(rid: str) -> APIError:
+    """A server fault, as the client sees it: no detail (that goes to the log, under the same id)."""
+    return APIError(500, f"internal server error (request id {rid}); the details are in the server's log. "
+                         "Retry the request.", code="internal_error", type_="server_error")
+
+
+def _not_started(err: Exception) -> bool:
+    """The replica failed before this request started on it (its engine could not be
+    restarted, or the replica itself is gone): safe to try another replica, since a
+    request is idempotent until its first token is out. A request whose engine died
+    under it is not retried: it may be what killed the engine."""
+    return isinstance(err, (EngineUnavailable, RayActorError))
 
 
 def _validation_error(errors: list[dict]) -> APIError:
@@ -49,10 +83,27 @@ def _validation_error(errors: list[dict]) -> APIError:
     return APIError(400, "invalid request body: " + "; ".join(parts), param=params[0] if params else None)
 
 
-async def _parse(request: Request, model):
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed ``limit`` bytes."""
+    length = request.headers.get("content-length", "")
+    too_large = f"this server accepts at most {limit:,} bytes (app argument max_request_bytes)"
+    if length.isdigit() and int(length) > limit:
+        raise APIError(413, f"the request body is {int(length):,} bytes; {too_large}", code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError(413, f"the request body is larger than {limit:,} bytes; {too_large}",
+                           code="request_too_large")
+    return bytes(body)
+
+
+async def _parse(request: Request, model, limit: int):
+    """The body, whatever its Content-Type, as JSON validated into ``model``."""
+    body = await _body(request, limit)
     try:
-        data = await request.json()
-    except Exception:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # bytes that are not UTF-8 too; nesting too deep
         raise APIError(400, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -69,7 +120,32 @@ async def _invalid_request(request: Request, exc: RequestValidationError):
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
-    return _error_response(APIError(exc.status_code, str(exc.detail)))
+    return _error_response(APIError(exc.status_code, str(exc.detail)), exc.headers)  # 405 keeps its Allow
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    rid = new_id("req")
+    logger.error("request %s failed", rid, exc_info=exc)
+    return _error_response(_internal_error(rid))
+
+
+class _HeaderLimit:
+    """431 for requests whose headers (all together) exceed MAX_HEADER_BYTES, before any
+    route runs. (Serve's own proxy cannot forward headers beyond ~4 MiB: it answers
+    those with a plain 500 before this app sees them.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            err = APIError(431, f"the request headers exceed {MAX_HEADER_BYTES:,} bytes", code="headers_too_large")
+            return await _error_response(err)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(_HeaderLimit)
 
 
 def _sse(obj) -> str:
@@ -99,7 +175,10 @@ class Router:
 
     # ------------------------------------------------------------------ plumbing
     def _check_auth(self, request: Request) -> None:
-        if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+        if not self.api_key:
+            return
+        given = request.headers.get("authorization", "").encode("latin-1")  # as Starlette decoded it
+        if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):  # constant time
             raise APIError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key", type_="authentication_error")
 
@@ -123,24 +202,51 @@ class Router:
     def _release(self) -> None:
         self.metrics.in_flight -= 1
 
-    async def _route(self, route: str, request: Request, fn):
+    async def _route(self, route: str, request: Request, fn, prefix: str = "req"):
+        """Run ``fn(request_id)``: its response, or the error response; 500s say only the
+        request id, under which the log has the detail."""
+        rid = new_id(prefix)
         try:
             self._check_auth(request)
-            response = await fn()
+            response = await fn(rid)
         except APIError as err:
             response = _error_response(err)
-        except Exception as err:  # a replica died, etc.: not the user's fault
-            logger.exception("request failed")
-            response = _error_response(APIError(500, f"internal error: {type(err).__name__}: {err}", type_="server_error"))
+        except Exception:  # a replica or engine failed: not the client's fault
+            logger.exception("request %s failed", rid)
+            response = _error_response(_internal_error(rid))
+        response.headers["X-Request-Id"] = rid
         self.metrics.request_done(route, response.status_code)
         return response
 
+    def _checked(self, request: dict) -> dict:
+        """The request with its id, after the checks every generation passes
+        (protocol.check_generation_request); raises APIError."""
+        prompt = request.get("prompt")
+        if hasattr(prompt, "tolist"):  # a tensor or array of token ids, from a handle call
+            request = {**request, "prompt": prompt.tolist()}
+        check_generation_request(request, self.args.max_prompt_chars)
+        return {"request_id": new_id("req"), **request}
+
+    async def _until_started(self, request: dict, start):
+        """``await start()``, tried again on another replica (up to RETRIES times) while
+        the failure says the request never started (:func:`_not_started`)."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return await start()
+            except Exception as err:
+                if attempt == RETRIES or not _not_started(err):
+                    raise
+                logger.warning("request %s: its replica failed before starting it (%s); retrying on another",
+                               request["request_id"], type(err).__name__)
+                await asyncio.sleep(0.1 * 3 ** attempt)
+
     async def _generate(self, request: dict) -> dict:
         """One unary generation on a free replica; raises APIError on user errors."""
+        request = self._checked(request)
         self._admit()
         t0 = time.perf_counter()
         try:
-            out = await self.replica.generate.remote(request)
+            out = await self._until_started(request, lambda: self.replica.generate.remote(request))
         finally:
             self._release()
         if "error" in out:
@@ -154,14 +260,22 @@ class Router:
     async def _open_stream(self, request: dict):
         """Start a streaming generation; returns (first chunk, generator, t0). User errors
         surface here, before any response header is sent, as a proper 400."""
+        request = self._checked(request)
         self._admit()
         t0 = time.perf_counter()
-        gen = self.replica.options(stream=True).stream.remote(request)
+
+        async def start():
+            gen = self.replica.options(stream=True).stream.remote(request)
+            try:
+                return await gen.__anext__(), gen
+            except BaseException:
+                gen.cancel()
+                raise
+
         try:
-            first = await gen.__anext__()
+            first, gen = await self._until_started(request, start)
         except BaseException:
             self._release()
-            gen.cancel()
             raise
         if "error" in first:
             self._release()
@@ -199,14 +313,15 @@ class Router:
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def metrics_route(self):
-        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+    async def metrics_route(self, request: Request):
+        body, content_type = self.metrics.render(request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        async def fn():
+        async def fn(rid):
             info = await self._info()
-            return JSONResponse({"object": "list", "data": [{
+            return _JSON({"object": "list", "data": [{
                 "id": self.model_name, "object": "model", "created": int(time.time()), "owned_by": "pace-serve",
                 "max_model_len": info.get("max_context"), "root": info.get("target"), "draft": info.get("draft"),
                 "num_speculative_tokens": info.get("num_speculative_tokens")}]})
@@ -214,33 +329,33 @@ class Router:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        async def fn():
-            body = await _parse(request, CompletionRequest)
+        async def fn(rid):
+            body = await _parse(request, CompletionRequest, self.args.max_request_bytes)
             body.refuse_unsupported()
             self._check_model(body.model)
             prompts = body.prompts()
-            common = self._sampling(body)
-            rid, model = new_id("cmpl"), self.model_name
+            common = {**self._sampling(body), "request_id": rid}
+            model = self.model_name
             if body.stream:
                 if len(prompts) != 1:
                     raise APIError(400, "streaming takes one prompt per request", "prompt")
                 return await self._stream_response("completion", rid, {"prompt": prompts[0], **common}, body)
             outs = await asyncio.gather(*(self._generate({"prompt": p, **common}) for p in prompts))
-            return JSONResponse(completion_body(rid, model, outs))
-        return await self._route("/v1/completions", request, fn)
+            return _JSON(completion_body(rid, model, outs))
+        return await self._route("/v1/completions", request, fn, "cmpl")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        async def fn():
-            body = await _parse(request, ChatCompletionRequest)
+        async def fn(rid):
+            body = await _parse(request, ChatCompletionRequest, self.args.max_request_bytes)
             body.refuse_unsupported()
             self._check_model(body.model)
-            req = {"messages": body.plain_messages(), **self._sampling(body)}
-            rid, model = new_id("chatcmpl"), self.model_name
+            req = {"messages": body.plain_messages(), **self._sampling(body), "request_id": rid}
+            model = self.model_name
             if body.stream:
                 return await self._stream_response("chat", rid, req, body)
-            return JSONResponse(chat_body(rid, model, await self._generate(req)))
-        return await self._route("/v1/chat/completions", request, fn)
+            return _JSON(chat_body(rid, model, await self._generate(req)))
+        return await self._route("/v1/chat/completions", request, fn, "chatcmpl")
 
     async def _stream_response(self, kind: str, rid: str, request: dict, body) -> StreamingResponse:
         """Open the generation (user errors raise here, as a 400) and stream it as SSE."""
@@ -250,7 +365,9 @@ class Router:
 
     async def _sse_events(self, kind: str, rid: str, first, gen, t0, include_usage: bool):
         """OpenAI's chunk format for ``kind`` "completion" or "chat": text chunks, a final
-        chunk with the finish reason, optionally a usage chunk, then [DONE]."""
+        chunk with the finish reason, optionally a usage chunk, then [DONE]. A server
+        fault after the first chunk ends the stream with an error event in OpenAI's
+        error shape, then [DONE]."""
         model, created, n, finish = self.model_name, int(time.time()), 0, None
         chat = kind == "chat"
 
@@ -265,12 +382,19 @@ class Router:
 
         if chat:
             yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
-        async for chunk in self._chunks(first, gen, t0):
-            n += len(chunk["token_ids"])
-            finish = chunk["finish_reason"]
-            if chunk["text"] or chunk.get("logprobs"):
-                yield piece(chunk["text"], None, chunk.get("logprobs"))
-                offset += sum(len(e["token"]) for e in chunk.get("logprobs") or ())
+        try:
+            async for chunk in self._chunks(first, gen, t0):
+                n += len(chunk["token_ids"])
+                finish = chunk["finish_reason"]
+                if chunk["text"] or chunk.get("logprobs"):
+                    yield piece(chunk["text"], None, chunk.get("logprobs"))
+                    offset += sum(len(e["token"]) for e in chunk.get("logprobs") or ())
+        except Exception:
+            logger.exception("request %s failed after its first chunk", rid)
+            self.metrics.stream_error()
+            yield _sse(_internal_error(rid).body())
+            yield "data: [DONE]\n\n"
+            return
         yield piece("", finish)
         if include_usage:
             obj = "chat.completion.chunk" if chat else "text_completion"
@@ -289,6 +413,8 @@ class Router:
             return {}
         if hasattr(sampling, "model_dump"):
             return sampling.model_dump(exclude_unset=True)
+        if not isinstance(sampling, dict):
+            raise ValueError(f"sampling must be a SamplingConfig or a dict of its fields (got {type(sampling).__name__})")
         return dict(sampling)
 
     async def generate(self, prompt, sampling=None) -> dict:
@@ -301,9 +427,17 @@ class Router:
 
     async def chat(self, messages: list[dict], sampling=None) -> dict:
         try:
-            return await self._generate({"messages": messages, "sampling": self._sampling_dict(sampling)})
+            return await self._generate({"messages": self._messages(messages), "sampling": self._sampling_dict(sampling)})
         except APIError as err:
             raise ValueError(err.message) from None
+
+    @staticmethod
+    def _messages(messages) -> list[dict]:
+        """A handle call's messages, validated as an HTTP body's are; raises APIError."""
+        try:
+            return plain_messages(messages)
+        except ValidationError as err:
+            raise _validation_error([{**e, "loc": ("messages", *e["loc"])} for e in err.errors()]) from None
 
     async def generate_stream(self, prompt, sampling=None):
         """handle.options(stream=True).generate_stream.remote(prompt, sampling): yields chunk dicts."""
@@ -316,6 +450,8 @@ class Router:
 
     async def _stream_handle(self, request: dict):
         try:
+            if "messages" in request:
+                request = {**request, "messages": self._messages(request["messages"])}
             first, gen, t0 = await self._open_stream(request)
         except APIError as err:
             raise ValueError(err.message) from None

@@ -236,8 +236,10 @@ def test_not_json_and_server_still_answers(server):
 def test_api_key(server):
     c = server["client"]
     body = {"prompt": "x", "max_tokens": 2}
-    assert c.post("/one/v1/completions", json=body).status_code == 401
-    assert c.post("/one/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    for auth in (None, b"Bearer wrong", b"Bearer \xff" + API_KEY.encode(), API_KEY.encode()):
+        r = c.post("/one/v1/completions", json=body, headers={"Authorization": auth} if auth else {})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+        assert r.json()["error"]["code"] == "invalid_api_key"
     r = c.post("/one/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 200 and r.json()["model"] == "one"
     assert c.post("/v1/completions", json=body).status_code == 200  # the other app has no key
@@ -505,7 +507,7 @@ def test_stream_interval_coalesces_ready_chunks_until_the_deadline():
         for i in range(3):
             engine.send(chunk(i))
         await asyncio.sleep(0.05)
-        assert await replica._take_ready(0.0) == [chunk(0), chunk(1), chunk(2)]  # deadline passed: no waiting
+        assert await replica._take_ready(replica.engine, 0.0) == [chunk(0), chunk(1), chunk(2)]  # deadline passed: no waiting
 
         async def produce():
             for i in (3, 4):
@@ -516,14 +518,284 @@ def test_stream_interval_coalesces_ready_chunks_until_the_deadline():
 
         task = asyncio.create_task(produce())
         t0 = loop.time()
-        assert await replica._take_ready(t0 + 0.1) == [chunk(3), chunk(4)]
+        assert await replica._take_ready(replica.engine, t0 + 0.1) == [chunk(3), chunk(4)]
         assert 0.09 <= loop.time() - t0 < 0.25
-        assert await replica._take_ready(0.0) == [chunk(5)]
+        assert await replica._take_ready(replica.engine, 0.0) == [chunk(5)]
         for message in (chunk(6), ("end", None), chunk(7)):
             engine.send(message)
         t0 = loop.time()
-        assert await replica._take_ready(t0 + 10) == [chunk(6), ("end", None)]  # the end stops the wait
+        assert await replica._take_ready(replica.engine, t0 + 10) == [chunk(6), ("end", None)]  # the end stops the wait
         assert loop.time() - t0 < 1
         await task
 
     asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------- hostile input
+def _engine_pids() -> list[int]:
+    """This test process's engine processes (every Ray worker of the test's Ray is a descendant)."""
+    import psutil
+
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "deployments.engine_process" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                pids.append(p.pid)
+        except psutil.Error:
+            pass
+    return sorted(pids)
+
+
+def _raw(obj) -> bytes:
+    """JSON with \\u escapes, so that lone surrogates travel as the escapes JSON allows."""
+    return json.dumps(obj).encode()
+
+
+BAD_STRINGS = {"high surrogate": "abc\ud800def", "low surrogate": "\udfff", "reversed pair": "\ude00\ud83d",
+               "NUL": "a\u0000b", "NUL and surrogate": "\u0000\ud800"}
+
+
+def _text_field_cases() -> list:
+    """Each bad string in each text field a request can carry, on both routes."""
+    user = lambda text: {"messages": [{"role": "user", "content": text}], "max_tokens": 4}  # noqa: E731
+    fields = {
+        "prompt": lambda t: ("/v1/completions", {"prompt": t, "max_tokens": 4}),
+        "prompt list": lambda t: ("/v1/completions", {"prompt": ["ok", t], "max_tokens": 4}),
+        "prompt stream": lambda t: ("/v1/completions", {"prompt": t, "max_tokens": 4, "stream": True}),
+        "stop": lambda t: ("/v1/completions", {"prompt": "x", "stop": t, "max_tokens": 4}),
+        "stop list": lambda t: ("/v1/chat/completions", {**user("hi"), "stop": ["\n", t]}),
+        "message": lambda t: ("/v1/chat/completions", user(t)),
+        "message stream": lambda t: ("/v1/chat/completions", {**user(t), "stream": True}),
+        "content part": lambda t: ("/v1/chat/completions",
+                                   {"messages": [{"role": "user", "content": [{"type": "text", "text": t}]}],
+                                    "max_tokens": 4}),
+        "model": lambda t: ("/v1/completions", {"prompt": "x", "model": t, "max_tokens": 4}),
+        "user": lambda t: ("/v1/completions", {"prompt": "x", "user": t, "max_tokens": 4}),
+    }
+    cases = []
+    for fname, make in fields.items():
+        for sname, text in BAD_STRINGS.items():
+            path, body = make(text)
+            must_name = fname.split()[0] if "surrogate" in sname and fname not in ("model", "user") else None
+            cases.append((f"{fname}: {sname}", "POST", path, {"content": _raw(body)}, must_name))
+    return cases
+
+
+JSON_CT = {"content-type": "application/json"}
+HOSTILE = _text_field_cases() + [
+    # malformed JSON
+    ("empty body", "POST", "/v1/completions", {"content": b"", "headers": JSON_CT}, None),
+    ("truncated", "POST", "/v1/completions", {"content": b'{"prompt": "x"', "headers": JSON_CT}, None),
+    ("null", "POST", "/v1/completions", {"content": b"null"}, None),
+    ("array", "POST", "/v1/chat/completions", {"content": b"[1, 2]"}, None),
+    ("string", "POST", "/v1/completions", {"content": b'"prompt"'}, None),
+    ("single quotes", "POST", "/v1/completions", {"content": b"{'prompt': 'x'}"}, None),
+    ("invalid UTF-8", "POST", "/v1/completions", {"content": b'{"prompt": "\xff\xfe"}'}, None),
+    ("NaN", "POST", "/v1/completions", {"content": b'{"prompt": "x", "max_tokens": NaN}'}, None),
+    ("deep nesting", "POST", "/v1/completions", {"content": b"[" * 100_000}, None),
+    ("duplicate keys", "POST", "/v1/completions", {"content": b'{"prompt": 1, "prompt": "x", "max_tokens": 2}'}, None),
+    # wrong types
+    ("prompt object", "POST", "/v1/completions", {"json": {"prompt": {"a": 1}}}, "prompt"),
+    ("prompt bool", "POST", "/v1/completions", {"json": {"prompt": True}}, "prompt"),
+    ("prompt null", "POST", "/v1/completions", {"json": {"prompt": None}}, "prompt"),
+    ("prompt mixed list", "POST", "/v1/completions", {"json": {"prompt": [1, "a"]}}, "prompt"),
+    ("prompt float ids", "POST", "/v1/completions", {"json": {"prompt": [1.5, 2]}}, "prompt"),
+    ("negative token id", "POST", "/v1/completions", {"json": {"prompt": [-1], "max_tokens": 2}}, None),
+    ("max_tokens list", "POST", "/v1/completions", {"json": {"prompt": "x", "max_tokens": []}}, "max_tokens"),
+    ("max_tokens bool", "POST", "/v1/completions", {"json": {"prompt": "x", "max_tokens": True}}, None),
+    ("temperature string", "POST", "/v1/completions", {"json": {"prompt": "x", "temperature": "hot"}}, "temperature"),
+    ("stop number", "POST", "/v1/completions", {"json": {"prompt": "x", "stop": 5}}, "stop"),
+    ("stop list of numbers", "POST", "/v1/completions", {"json": {"prompt": "x", "stop": [1]}}, "stop"),
+    ("five stops", "POST", "/v1/completions", {"json": {"prompt": "x", "stop": list("abcde")}}, "stop"),
+    ("messages object", "POST", "/v1/chat/completions", {"json": {"messages": {"role": "user"}}}, "messages"),
+    ("message without role", "POST", "/v1/chat/completions", {"json": {"messages": [{"content": "x"}]}}, "role"),
+    ("message number", "POST", "/v1/chat/completions", {"json": {"messages": [1]}}, "messages"),
+    ("content number", "POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": 5}]}},
+     "content"),
+    ("stream_options string", "POST", "/v1/completions", {"json": {"prompt": "x", "stream_options": "x"}}, None),
+    ("seed string", "POST", "/v1/completions", {"json": {"prompt": "x", "seed": "x"}}, "seed"),
+    ("top_p zero", "POST", "/v1/completions", {"json": {"prompt": "x", "top_p": 0}}, "top_p"),
+    ("logprobs true", "POST", "/v1/completions", {"json": {"prompt": "x", "logprobs": True}}, "logprobs"),
+    # huge values
+    ("max_tokens 2**63", "POST", "/v1/completions", {"json": {"prompt": "x", "max_tokens": 2 ** 63}}, None),
+    ("max_tokens 1e30", "POST", "/v1/completions", {"content": b'{"prompt": "x", "max_tokens": 1e30}'}, None),
+    ("temperature 1e400", "POST", "/v1/completions", {"content": b'{"prompt": "x", "temperature": 1e400}'}, None),
+    ("token id 2**64", "POST", "/v1/completions", {"json": {"prompt": [2 ** 64], "max_tokens": 2}}, None),
+    ("seed 2**70", "POST", "/v1/completions", {"json": {"prompt": "x", "max_tokens": 2, "seed": 2 ** 70}}, None),
+    ("top_k 10**20", "POST", "/v1/completions", {"json": {"prompt": "x", "max_tokens": 2, "top_k": 10 ** 20}}, None),
+    ("n 10**9", "POST", "/v1/completions", {"json": {"prompt": "x", "n": 10 ** 9}}, "n"),
+    ("prompt of 1.5M characters", "POST", "/v1/completions", {"json": {"prompt": "a" * 1_500_000}}, "prompt"),
+    ("600k token ids", "POST", "/v1/completions", {"content": b'{"prompt": [' + b"1," * 600_000 + b"1]}"},
+     None),
+    ("messages of 1.5M characters", "POST", "/v1/chat/completions",
+     {"json": {"messages": [{"role": "user", "content": "a" * 750_000}] * 2}}, "messages"),
+    ("10 MB body", "POST", "/v1/completions", {"json": {"prompt": "a" * 10_000_000}}, None),
+    ("10 MB chunked body", "POST", "/v1/chat/completions",
+     {"content": iter([b'{"messages": [{"role": "user", "content": "'] + [b"a" * 1_000_000] * 10 + [b'"}]}'])},
+     None),
+    # headers and content types
+    ("40 kB header", "POST", "/v1/completions", {"json": {"prompt": "x"}, "headers": {"x-big": "a" * 40_000}}, None),
+    ("1 MB header", "GET", "/v1/models", {"headers": {"x-big": "a" * 1_000_000}}, None),
+    ("500 headers", "GET", "/health", {"headers": {f"x-h{i}": "a" * 100 for i in range(500)}}, None),
+    ("text/plain", "POST", "/v1/completions", {"content": _raw({"prompt": "x", "max_tokens": 2}),
+                                               "headers": {"content-type": "text/plain"}}, None),
+    ("form content type", "POST", "/v1/completions", {"content": b"prompt=x&max_tokens=2",
+                                                      "headers": {"content-type": "application/x-www-form-urlencoded"}},
+     None),
+    ("multipart", "POST", "/v1/chat/completions",
+     {"files": {"file": ("a.json", b'{"messages": []}', "application/json")}}, None),
+    ("bad authorization header", "POST", "/v1/completions",
+     {"json": {"prompt": "x", "max_tokens": 2}, "headers": {"authorization": b"Bearer \xff\xfe"}}, None),
+    # wrong methods and paths
+    ("GET completions", "GET", "/v1/completions", {}, None),
+    ("PUT chat", "PUT", "/v1/chat/completions", {"json": {}}, None),
+    ("DELETE models", "DELETE", "/v1/models", {}, None),
+    ("POST health", "POST", "/health", {"json": {}}, None),
+    ("PATCH metrics", "PATCH", "/metrics", {}, None),
+    ("unknown path", "GET", "/v1/engines", {}, None),
+    ("OPTIONS", "OPTIONS", "/v1/completions", {}, None),
+]
+
+
+def _check_answer(r, must_name) -> str | None:
+    """None if ``r`` is a valid 200 or a 4xx in OpenAI's error shape (naming ``must_name``
+    if given), else what is wrong."""
+    if r.status_code == 200:
+        if r.headers["content-type"].startswith("text/event-stream"):
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            ok = events and events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+        else:
+            ok = "choices" in r.json() or "data" in r.json() or r.json() == {"status": "ok"}
+        return None if ok and must_name is None else f"200 {r.text[:200]}"
+    if not 400 <= r.status_code < 500:
+        return f"{r.status_code} {r.text[:300]}"
+    try:
+        err = r.json()["error"]
+    except Exception:
+        return f"{r.status_code}, not OpenAI's error shape: {r.text[:200]}"
+    if set(err) != {"message", "type", "param", "code"} or not err["message"]:
+        return f"{r.status_code}, not OpenAI's error shape: {err}"
+    if must_name and must_name not in err["message"] and must_name != err["param"]:
+        return f"{r.status_code}, does not name {must_name!r}: {err}"
+    if r.status_code == 405 and not r.headers.get("allow"):
+        return "405 without Allow"
+    return None
+
+
+def test_hostile_http_input_gets_4xx_or_200_and_no_engine_dies(server):
+    """The bad-input corpus (issue 13): every answer is a 4xx in OpenAI's error shape or
+    a valid 200, no engine process dies, and a normal request is still served."""
+    assert len(HOSTILE) >= 60
+    c = server["client"]
+    pids = _engine_pids()
+    assert len(pids) == 3, pids  # "pace" (2 replicas) and "one"
+    problems = []
+    for name, method, path, kwargs, must_name in HOSTILE:
+        r = c.request(method, path, **kwargs)
+        problem = _check_answer(r, must_name)
+        if problem:
+            problems.append(f"{name}: {problem}")
+    assert not problems, "\n".join(problems)
+    statuses = {name: c.request(method, path, **kwargs).status_code
+                for name, method, path, kwargs, _ in HOSTILE if name in ("10 MB body", "1 MB header", "GET completions")}
+    assert statuses == {"10 MB body": 413, "1 MB header": 431, "GET completions": 405}
+    assert _engine_pids() == pids
+    r = c.post("/v1/completions", json={"prompt": "def f():", "max_tokens": 8})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+
+
+def test_hostile_handle_calls_raise_clear_errors_and_no_engine_dies(server):
+    from ray import serve
+
+    handle = serve.get_app_handle("pace")
+    pids = _engine_pids()
+    calls = [
+        ("prompt", lambda: handle.generate.remote("abc\ud800def", {"max_new_tokens": 2})),
+        ("prompt", lambda: handle.generate.remote(None)),
+        ("prompt", lambda: handle.generate.remote(5)),
+        ("prompt", lambda: handle.generate.remote({"text": "x"})),
+        ("prompt", lambda: handle.generate.remote([1, "a"])),
+        ("prompt", lambda: handle.generate.remote("a" * 1_100_000)),
+        ("stop", lambda: handle.generate.remote("x", {"stop": ["\udc00"]})),
+        ("sampling", lambda: handle.generate.remote("x", "greedy")),
+        ("max_new_tokens", lambda: handle.generate.remote("x", {"max_new_tokens": -1})),
+        ("bogus", lambda: handle.generate.remote("x", {"bogus": 1})),
+        ("messages", lambda: handle.chat.remote([{"role": "user", "content": "\ud800"}])),
+        ("messages", lambda: handle.chat.remote("hello")),
+        ("role", lambda: handle.chat.remote([{"role": "wizard", "content": "x"}])),
+        ("content", lambda: handle.chat.remote([{"role": "user", "content": 5}])),
+    ]
+    for needle, call in calls:
+        with pytest.raises(Exception, match=needle):
+            call().result(timeout_s=60)
+    with pytest.raises(Exception, match="prompt"):
+        list(handle.options(stream=True).generate_stream.remote("\ud800"))
+    with pytest.raises(Exception, match="messages"):
+        list(handle.options(stream=True).chat_stream.remote([{"role": "user", "content": "\ud800"}]))
+    assert _engine_pids() == pids
+    assert handle.generate.remote("x\u0000y", {"max_new_tokens": 3}).result(timeout_s=60)["finish_reason"] == "length"
+
+
+def test_metrics_parse_as_prometheus_text_and_openmetrics(server):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+    from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
+
+    c = server["client"]
+    assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3}).status_code == 200
+    text = c.get("/metrics")
+    assert text.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in parse_prometheus(text.text)}
+    om = c.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert om.headers["content-type"].startswith("application/openmetrics-text")
+    om_families = {f.name: f for f in parse_openmetrics(om.text)}
+    for fams in (families, om_families):
+        assert fams["pace_requests"].type == "counter"
+        ok = [s for s in fams["pace_requests"].samples
+              if s.labels.get("route") == "/v1/completions" and s.labels.get("status") == "200" and s.name.endswith("_total")]
+        assert ok and ok[0].value >= 1 and ok[0].labels["model"] == "pace-demo"
+        for name in ("pace_time_to_first_token_seconds", "pace_inter_token_latency_seconds",
+                     "pace_e2e_request_latency_seconds"):
+            assert fams[name].type == "histogram"
+            count = [s for s in fams[name].samples if s.name == name + "_count"]
+            assert count and count[0].value >= 1
+        for name in ("pace_requests_in_flight", "pace_queue_depth", "pace_mean_accepted_tokens_per_step"):
+            assert fams[name].type == "gauge"
+        assert fams["pace_generation_tokens"].samples[0].value >= 3
+
+
+def test_killed_engine_mid_stream_error_event_then_restart_in_place(server):
+    """The 1-replica app: its engine is killed after the first chunk of a long stream.
+    The stream ends with an SSE error event in OpenAI's error shape (a request id, no
+    detail), then [DONE]; the replica restarts its engine in place and serves the
+    next request, within 10 s of the kill."""
+    import signal
+
+    from ray import serve
+
+    c = server["client"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    one = serve.get_app_handle("one")
+    before = one.info.remote().result(timeout_s=60)["replica"]
+    body = {"prompt": "x", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    events = []
+    with c.stream("POST", "/one/v1/completions", json=body, headers=headers) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+                if len(events) == 1:
+                    os.kill(before["pid"], signal.SIGKILL)
+                    t_kill = time.monotonic()
+    assert events[-1] == "[DONE]"
+    assert events[-2] == {"error": {"message": f"internal server error (request id {events[0]['id']}); the details "
+                                               "are in the server's log. Retry the request.",
+                                    "type": "server_error", "param": None, "code": "internal_error"}}
+    assert sum(len(e["choices"][0]["text"]) for e in events[:-2] if "choices" in e) > 0
+    r = c.post("/one/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=headers)
+    recovered = time.monotonic() - t_kill
+    assert r.status_code == 200, r.text
+    assert recovered < 10, recovered
+    after = one.info.remote().result(timeout_s=60)["replica"]
+    assert after["replica_pid"] == before["replica_pid"] and after["pid"] != before["pid"]
+    assert after["engine_starts"] == before["engine_starts"] + 1
+    assert 'pace_stream_errors_total{model="one"} 1.0' in c.get("/one/metrics").text
