@@ -43,3 +43,18 @@ def two_slot_serve(tmp_path, monkeypatch, namespace: str):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def engine_pids() -> list[int]:
+    """This test process's live engine processes (deployments.engine_process): every
+    Ray worker of a Ray started by the test process is a descendant of it."""
+    import psutil
+
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "deployments.engine_process" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                pids.append(p.pid)
+        except psutil.Error:
+            pass
+    return sorted(pids)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import engine_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-key"
@@ -532,20 +533,6 @@ def test_stream_interval_coalesces_ready_chunks_until_the_deadline():
 
 
 # ----------------------------------------------------------------------------- hostile input
-def _engine_pids() -> list[int]:
-    """This test process's engine processes (every Ray worker of the test's Ray is a descendant)."""
-    import psutil
-
-    pids = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "deployments.engine_process" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
-                pids.append(p.pid)
-        except psutil.Error:
-            pass
-    return sorted(pids)
-
-
 def _raw(obj) -> bytes:
     """JSON with \\u escapes, so that lone surrogates travel as the escapes JSON allows."""
     return json.dumps(obj).encode()
@@ -687,7 +674,7 @@ def test_hostile_http_input_gets_4xx_or_200_and_no_engine_dies(server):
     a valid 200, no engine process dies, and a normal request is still served."""
     assert len(HOSTILE) >= 60
     c = server["client"]
-    pids = _engine_pids()
+    pids = engine_pids()
     assert len(pids) == 3, pids  # "pace" (2 replicas) and "one"
     problems = []
     for name, method, path, kwargs, must_name in HOSTILE:
@@ -699,7 +686,7 @@ def test_hostile_http_input_gets_4xx_or_200_and_no_engine_dies(server):
     statuses = {name: c.request(method, path, **kwargs).status_code
                 for name, method, path, kwargs, _ in HOSTILE if name in ("10 MB body", "1 MB header", "GET completions")}
     assert statuses == {"10 MB body": 413, "1 MB header": 431, "GET completions": 405}
-    assert _engine_pids() == pids
+    assert engine_pids() == pids
     r = c.post("/v1/completions", json={"prompt": "def f():", "max_tokens": 8})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
 
@@ -708,7 +695,7 @@ def test_hostile_handle_calls_raise_clear_errors_and_no_engine_dies(server):
     from ray import serve
 
     handle = serve.get_app_handle("pace")
-    pids = _engine_pids()
+    pids = engine_pids()
     calls = [
         ("prompt", lambda: handle.generate.remote("abc\ud800def", {"max_new_tokens": 2})),
         ("prompt", lambda: handle.generate.remote(None)),
@@ -732,7 +719,7 @@ def test_hostile_handle_calls_raise_clear_errors_and_no_engine_dies(server):
         list(handle.options(stream=True).generate_stream.remote("\ud800"))
     with pytest.raises(Exception, match="messages"):
         list(handle.options(stream=True).chat_stream.remote([{"role": "user", "content": "\ud800"}]))
-    assert _engine_pids() == pids
+    assert engine_pids() == pids
     assert handle.generate.remote("x\u0000y", {"max_new_tokens": 3}).result(timeout_s=60)["finish_reason"] == "length"
 
 
