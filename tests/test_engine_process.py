@@ -98,3 +98,23 @@ def test_engine_priority_unprivileged_names_the_fix(monkeypatch):
     monkeypatch.setattr(engine_process.logger, "warning", lambda msg, *a: warnings.append(msg % a))
     assert engine_process.raise_priority() == "niceness 15"
     assert len(warnings) == 1 and "RAY_worker_niceness=0" in warnings[0]
+
+
+def test_engine_survives_any_request(tiny_pair):
+    """Requests the router would refuse, sent to the engine directly: each is answered
+    as an error (a tokenizer's TypeError for a lone surrogate, garbage payloads), and
+    the same engine process serves the next request."""
+    target, draft = tiny_pair
+    engine = EngineProcess({"target": target, "draft": draft, "num_speculative_tokens": 2, "dtype": "float32"})
+    try:
+        for request in ({"prompt": "abc\ud800def", "request_id": "r1"},
+                        {"messages": [{"role": "user", "content": "\udfff"}]},
+                        {"prompt": None}, {"prompt": [[1, 2], 3]}, "garbage", {"sampling": 5, "prompt": "x"},
+                        {"prompt": "x", "sampling": {"max_new_tokens": 2, "seed": 2 ** 70}}):
+            kind, message = _run(engine, request)[-1]
+            assert kind in ("user_error", "end") and message, (request, kind, message)
+            assert engine.alive()
+        messages = _run(engine, {"prompt": "x", "sampling": {"max_new_tokens": 3, "ignore_eos": True}})
+        assert messages[-1] == ("end", None) and messages[-2][1]["engine_pid"] == engine.pid
+    finally:
+        engine.close()
