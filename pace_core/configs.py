@@ -25,6 +25,13 @@ class PardSpecDecodeConfig(BaseModel):
     accepted step, else two more than were accepted); ``"fixed"`` proposes exactly K
     every step. The output is the same either way; adaptive wastes fewer verify
     positions.
+
+    ``draft_vocab_size``: the draft proposes among the first N token ids only, and its
+    output projection reads N rows instead of the whole vocabulary (byte-level BPE
+    vocabularies such as Qwen's and Llama's number tokens in merge order, frequent ones
+    first; EAGLE-3 drafts use a reduced vocabulary the same way). The output is
+    unchanged, since the target verifies every proposal; only acceptance can drop.
+    ``None``: the whole vocabulary.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=())
@@ -33,6 +40,7 @@ class PardSpecDecodeConfig(BaseModel):
     pard_token: int | None = None
     num_speculative_tokens: int = 12
     speculation_schedule: Literal["adaptive", "fixed"] = "adaptive"
+    draft_vocab_size: int | None = Field(None, ge=2)
 
     @field_validator("model_name_or_path")
     @classmethod

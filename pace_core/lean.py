@@ -86,8 +86,8 @@ class LeanRunner:
         # every linear through the native op when it builds: the few-rows kernel for decode
         # steps and verifies (csrc/few_rows_linear.cpp), the library GEMM for prefill
         self.linear = torch.ops.pace_core.linear if native.load() else F.linear
-        # up to this many new tokens, attention runs query by query like the C++ loop, so
-        # a verify computes every row exactly as a one-token step would (0: never)
+        # up to this many new tokens (a decode step or a verify), float32 attention runs
+        # through the native few-rows kernel: each query row as a one-token step computes it
         self.few_rows = torch.ops.pace_core.few_rows_limit() if native.load() else 0
         self.capacity = 0
         self.k_cache: list[torch.Tensor] = []
@@ -170,14 +170,21 @@ class LeanRunner:
         self.seq_len = end
         return self.linear(h[0], self.lm_head_weight, self.lm_head_bias).float()
 
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
+        """Causal attention of the new queries q (1, H, n, D) over the cache, which holds
+        them at start..start+n-1 (query i sees keys 0..start+i); as csrc/llama_layers.cpp."""
+        n = q.shape[2]
+        if n <= self.few_rows and q.dtype == torch.float32:
+            return torch.ops.pace_core.attention(q, k_cache, v_cache, start, self.scaling)
+        end = start + n
+        mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start) if n > 1 else None
+        return F.scaled_dot_product_attention(q, k_cache[:, :end].unsqueeze(0), v_cache[:, :end].unsqueeze(0),
+                                              attn_mask=mask, scale=self.scaling,
+                                              enable_gqa=self.num_heads != self.num_kv_heads)
+
     def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """The decoder layers in Python (the reference for csrc/llama_layers.cpp)."""
         n = end - start
-        # causal mask over [cache + new]: query i sees keys 0..start+i
-        mask = None
-        if n > 1:
-            mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start)
-        query_by_query = 1 < n <= self.few_rows
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -191,15 +198,7 @@ class LeanRunner:
             q, k = self.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             self.k_cache[i][:, start:end] = k[0]
             self.v_cache[i][:, start:end] = v[0]
-            keys = self.k_cache[i][:, :end].unsqueeze(0)
-            values = self.v_cache[i][:, :end].unsqueeze(0)
-            if query_by_query:
-                o = torch.cat([F.scaled_dot_product_attention(q[:, :, j : j + 1], keys[:, :, : start + j + 1],
-                                                              values[:, :, : start + j + 1], scale=self.scaling,
-                                                              enable_gqa=H != KV) for j in range(n)], dim=2)
-            else:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                                   enable_gqa=H != KV)
+            o = self.attention(q, self.k_cache[i], self.v_cache[i], start)
             h = h + self.linear(o.transpose(1, 2).reshape(1, n, H * D), attn.o_proj.weight, attn.o_proj.bias)
             gate, up = self.linear(layer.post_attention_layernorm(h), *self.gate_up[i]).chunk(2, dim=-1)
             h = h + self.linear(layer.mlp.act_fn(gate) * up, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)

@@ -174,8 +174,9 @@ class LLMModel:
         else:
             check_same_tokenizer(self.tokenizer, draft_tokenizer)
         self.pard_token = read_pard_token(draft.config, pard.pard_token)
-        # padded embeddings (e.g. 151936 vs 152064): propose only ids the target may emit
-        limit = min(draft.config.vocab_size, self.target.vocab_limit)
+        # padded embeddings (e.g. 151936 vs 152064): propose only ids the target may emit;
+        # a reduced draft vocabulary: only the first draft_vocab_size of them
+        limit = min(draft.config.vocab_size, self.target.vocab_limit, pard.draft_vocab_size or draft.config.vocab_size)
         if draft.config.vocab_size < len(self.tokenizer) - 1:
             raise ModelLoadError(
                 f"the draft's vocabulary ({draft.config.vocab_size}) is smaller than the tokenizer's ({len(self.tokenizer)}): "

@@ -24,7 +24,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("llama_layers.cpp", "few_rows_linear.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("llama_layers.cpp", "few_rows.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool, "reason": why not
 

@@ -38,6 +38,16 @@ struct Avx512 {
   static PACE_AVX512 Vec zero() { return _mm512_setzero_ps(); }
   static PACE_AVX512 Vec load(const float* p) { return _mm512_loadu_ps(p); }
   static PACE_AVX512 Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static PACE_AVX512 Vec set1(float a) { return _mm512_set1_ps(a); }
+  static PACE_AVX512 void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  static PACE_AVX512 Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  static PACE_AVX512 Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static PACE_AVX512 Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+  static PACE_AVX512 Vec min(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+  static PACE_AVX512 Vec floor(Vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+  static PACE_AVX512 Vec pow2(Vec n) {  // 2^n for integral n in float range
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
   static PACE_AVX512 float sum(Vec v) {  // 16 -> 8 -> 4 -> 2 -> 1
     __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
     __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
@@ -52,6 +62,16 @@ struct Avx2 {
   static PACE_AVX2 Vec zero() { return _mm256_setzero_ps(); }
   static PACE_AVX2 Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static PACE_AVX2 Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static PACE_AVX2 Vec set1(float a) { return _mm256_set1_ps(a); }
+  static PACE_AVX2 void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  static PACE_AVX2 Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  static PACE_AVX2 Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+  static PACE_AVX2 Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+  static PACE_AVX2 Vec min(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+  static PACE_AVX2 Vec floor(Vec a) { return _mm256_floor_ps(a); }
+  static PACE_AVX2 Vec pow2(Vec n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
   static PACE_AVX2 float sum(Vec v) {  // 8 -> 4 -> 2 -> 1
     __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
@@ -107,6 +127,82 @@ __attribute__((target("avx2,fma"), flatten)) void rows_avx2(const float* x, cons
   for (int64_t n = first; n < last; n += NB) block<Avx2, NB, MB>(x, w + n * K, K, y + n, ldy);
 }
 
+// exp(x) for x <= 0 (softmax after subtracting the max): Cephes' expf, ~1 ulp
+template <class V>
+inline typename V::Vec exp_nonpositive(typename V::Vec x) {
+  using Vec = typename V::Vec;
+  x = V::max(x, V::set1(-87.0f));  // exp(-87) ~ 1.6e-38: the smallest normal float's range
+  Vec n = V::floor(V::fma(x, V::set1(1.44269504088896341f), V::set1(0.5f)));
+  x = V::fma(n, V::set1(-0.693359375f), x);
+  x = V::fma(n, V::set1(2.12194440e-4f), x);
+  Vec y = V::set1(1.9875691500e-4f);
+  y = V::fma(y, x, V::set1(1.3981999507e-3f));
+  y = V::fma(y, x, V::set1(8.3334519073e-3f));
+  y = V::fma(y, x, V::set1(4.1665795894e-2f));
+  y = V::fma(y, x, V::set1(1.6666665459e-1f));
+  y = V::fma(y, x, V::set1(5.0000001201e-1f));
+  y = V::fma(y, V::mul(x, x), V::add(x, V::set1(1.0f)));
+  return V::mul(y, V::pow2(n));
+}
+
+// One query row of one head: o = softmax(q . K^T * scale) V over keys 0..L-1.
+// Scores, exponentials and the weighted sum of values each run in key order, so the
+// result depends on nothing but this query and these keys.
+template <class V>
+inline void attend_row(const float* q, const float* k, const float* v, int64_t L, int64_t D, float scale, float* o,
+                       float* scores) {
+  using Vec = typename V::Vec;
+  constexpr int W = V::kLanes;
+  float top = -INFINITY;
+  for (int64_t j = 0; j < L; ++j) {
+    Vec acc = V::zero();
+    int64_t d = 0;
+    for (; d + W <= D; d += W) acc = V::fma(V::load(q + d), V::load(k + j * D + d), acc);
+    float s = V::sum(acc);
+    for (; d < D; ++d) s = std::fma(q[d], k[j * D + d], s);
+    scores[j] = s * scale;
+    top = std::max(top, scores[j]);
+  }
+  const int64_t L_vec = L / W * W;
+  Vec total = V::zero();
+  for (int64_t j = 0; j < L_vec; j += W) {
+    Vec e = exp_nonpositive<V>(V::add(V::load(scores + j), V::set1(-top)));
+    V::store(scores + j, e);
+    total = V::add(total, e);
+  }
+  float sum = V::sum(total);
+  if (L_vec < L) {  // the tail through the same vector exp, zero-padded lanes unused
+    float tail[W];
+    for (int t = 0; t < W; ++t) tail[t] = L_vec + t < L ? scores[L_vec + t] - top : 0.0f;
+    V::store(tail, exp_nonpositive<V>(V::load(tail)));
+    for (int64_t j = L_vec; j < L; ++j) sum += (scores[j] = tail[j - L_vec]);
+  }
+  const float inv = 1.0f / sum;
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    Vec acc = V::zero();
+    for (int64_t j = 0; j < L; ++j) acc = V::fma(V::set1(scores[j]), V::load(v + j * D + d), acc);
+    V::store(o + d, V::mul(acc, V::set1(inv)));
+  }
+  for (; d < D; ++d) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < L; ++j) acc = std::fma(scores[j], v[j * D + d], acc);
+    o[d] = acc * inv;
+  }
+}
+
+using AttendFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, float, float*, float*);
+
+__attribute__((target("avx512f"), flatten)) void attend_avx512(const float* q, const float* k, const float* v, int64_t L,
+                                                               int64_t D, float scale, float* o, float* scores) {
+  attend_row<Avx512>(q, k, v, L, D, scale, o, scores);
+}
+
+__attribute__((target("avx2,fma"), flatten)) void attend_avx2(const float* q, const float* k, const float* v, int64_t L,
+                                                              int64_t D, float scale, float* o, float* scores) {
+  attend_row<Avx2>(q, k, v, L, D, scale, o, scores);
+}
+
 using RowsFn = void (*)(const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t);
 
 struct Pass {
@@ -120,6 +216,7 @@ constexpr int64_t kChunkRows = 4;  // weight rows per chunk: a multiple of every
 struct Kernels {
   Pass pass[kMaxPass + 1];  // by input rows in the pass (MB)
   int max_pass = 0;
+  AttendFn attend = nullptr;
 };
 
 // NB x MB blocks with at most V::kMaxAcc accumulators
@@ -132,11 +229,13 @@ Kernels pick_kernels() {
                 {rows_avx512<2, 9>, 2}, {rows_avx512<2, 10>, 2}, {rows_avx512<2, 11>, 2}, {rows_avx512<2, 12>, 2}};
     std::copy(std::begin(t), std::end(t), k.pass);
     k.max_pass = 12;
+    k.attend = attend_avx512;
   } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     Pass t[] = {{}, {rows_avx2<4, 1>, 4}, {rows_avx2<4, 2>, 4}, {rows_avx2<4, 3>, 4},
                 {rows_avx2<2, 4>, 2}, {rows_avx2<2, 5>, 2}, {rows_avx2<2, 6>, 2}};
     std::copy(std::begin(t), std::end(t), k.pass);
     k.max_pass = 6;
+    k.attend = attend_avx2;
   }
   return k;
 }
@@ -197,4 +296,32 @@ at::Tensor few_rows_linear(const at::Tensor& x_in, const at::Tensor& weight, con
   std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
   shape.back() = N;
   return y.view(shape);
+}
+
+// Causal attention of n new queries q (1, H, n, D) over a KV cache (KV, capacity, D) that
+// already holds them at start..start+n-1: query i sees keys 0..start+i. Float32.
+at::Tensor few_rows_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              int64_t start, double scaling) {
+  TORCH_CHECK(few_rows_linear_supported(), "few_rows_attention needs AVX2+FMA or AVX-512");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "few_rows_attention: float32 only");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "few_rows_attention: contiguous caches only");
+  const at::Tensor q = q_in.contiguous();
+  const int64_t H = q.size(1), n = q.size(2), D = q.size(3), KV = k_cache.size(0), cap = k_cache.size(1);
+  TORCH_CHECK(H % KV == 0 && start + n <= cap, "few_rows_attention: bad shapes");
+  at::Tensor o = at::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  float* op = o.data_ptr<float>();
+  const AttendFn attend = kernels().attend;
+  const int64_t group = H / KV;
+  const float scale = static_cast<float>(scaling);
+  at::parallel_for(0, H * n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(start + n + 16);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t / n, i = t % n, g = h / group;
+      attend(qp + t * D, kp + g * cap * D, vp + g * cap * D, start + i + 1, D, scale, op + t * D, scores.data());
+    }
+  });
+  return o;
 }

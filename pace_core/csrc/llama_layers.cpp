@@ -32,9 +32,10 @@ Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin) {
 
 }  // namespace
 
-// few_rows_linear.cpp
+// few_rows.cpp
 bool few_rows_linear_supported();
 Tensor few_rows_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias);
+Tensor few_rows_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t start, double scaling);
 
 // x @ weight^T + bias: the few-rows kernel for decode steps and verifies of float32
 // models (bit-identical whatever the row count), the library GEMM otherwise (prefill).
@@ -50,18 +51,17 @@ int64_t few_rows_limit() { return kFewRows; }
 
 namespace {
 
-// Causal attention of n new queries over [cache + new]. Up to kFewRows queries, one
-// query at a time, so that each row is computed exactly as in a one-token step.
-Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& values, const std::optional<Tensor>& mask,
-                 int64_t start, double scaling, bool gqa) {
-  const int64_t n = q.size(2);
-  if (n == 1 || n > kFewRows) return at::scaled_dot_product_attention(q, keys, values, mask, 0.0, false, scaling, gqa);
-  std::vector<Tensor> rows;
-  for (int64_t i = 0; i < n; ++i)
-    rows.push_back(at::scaled_dot_product_attention(q.slice(2, i, i + 1), keys.slice(2, 0, start + i + 1),
-                                                    values.slice(2, 0, start + i + 1), std::nullopt, 0.0, false,
-                                                    scaling, gqa));
-  return at::cat(rows, 2);
+// Causal attention of the n new queries over [cache + new] (query i sees keys
+// 0..start+i): the few-rows kernel for decode steps and verifies of float32 models
+// (each query row computed alone: a verify's rows equal one-token steps'), SDPA otherwise.
+Tensor attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t start, double scaling) {
+  const int64_t n = q.size(2), end = start + n, H = q.size(1), KV = k_cache.size(0);
+  if (n <= kFewRows && q.scalar_type() == at::kFloat && few_rows_linear_supported())
+    return few_rows_attention(q, k_cache, v_cache, start, scaling);
+  std::optional<Tensor> mask;
+  if (n > 1) mask = at::ones({n, end}, at::kBool).tril(start);
+  return at::scaled_dot_product_attention(q, k_cache.slice(1, 0, end).unsqueeze(0), v_cache.slice(1, 0, end).unsqueeze(0),
+                                          mask, 0.0, false, scaling, H != KV);
 }
 
 Tensor linear(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias) {
@@ -77,8 +77,6 @@ Tensor llama_layers(Tensor h, const Tensor& cos_in, const Tensor& sin_in, const 
                     int64_t num_kv_heads, int64_t head_dim, double scaling, double eps) {
   const int64_t n = h.size(1), end = start + n, H = num_heads, KV = num_kv_heads, D = head_dim;
   TORCH_CHECK(weights.size() == k_cache.size() * NUM_SLOTS, "llama_layers: expected ", NUM_SLOTS, " weights per layer");
-  std::optional<Tensor> mask;  // causal over [cache + new]: query i sees keys 0..start+i
-  if (n > kFewRows) mask = at::ones({n, end}, at::kBool).tril(start);
   const Tensor cos = cos_in.unsqueeze(1), sin = sin_in.unsqueeze(1);
   for (size_t i = 0; i < k_cache.size(); ++i) {
     const std::optional<Tensor>* w = &weights[i * NUM_SLOTS];
@@ -95,9 +93,7 @@ Tensor llama_layers(Tensor h, const Tensor& cos_in, const Tensor& sin_in, const 
     k = rotary(k.transpose(1, 2), cos, sin);
     k_cache[i].slice(1, start, end).copy_(k[0]);
     v_cache[i].slice(1, start, end).copy_(v[0]);
-    Tensor keys = k_cache[i].slice(1, 0, end).unsqueeze(0);
-    Tensor values = v_cache[i].slice(1, 0, end).unsqueeze(0);
-    Tensor o = attention(q, keys, values, mask, start, scaling, H != KV);
+    Tensor o = attention(q, k_cache[i], v_cache[i], start, scaling);
     h = h + linear(o.transpose(1, 2).reshape({1, n, H * D}), w[O_W], w[O_B]);
     std::vector<Tensor> gate_up = linear(rms_norm(h, *w[POST_NORM], eps), w[GATE_UP_W], w[GATE_UP_B]).chunk(2, -1);
     h = h + linear(at::silu(gate_up[0]) * gate_up[1], w[DOWN_W], w[DOWN_B]);
@@ -113,9 +109,11 @@ TORCH_LIBRARY(pace_core, m) {
       "int start, int num_heads, int num_kv_heads, int head_dim, float scaling, float eps) -> Tensor");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("few_rows_limit() -> int", &few_rows_limit);
+  m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, int start, float scaling) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pace_core, CPU, m) {
   m.impl("llama_layers", llama_layers);
   m.impl("linear", pace_linear);
+  m.impl("attention", attention);
 }
