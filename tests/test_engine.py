@@ -419,3 +419,20 @@ def test_sliding_window_model_with_pard_matches_full_forward_greedy(tmp_path):
     ids = model.encode("class Stack:\n    def push(self, item):")
     out = model.generate(ids, SamplingConfig(max_new_tokens=30, ignore_eos=True))
     assert out.token_ids == full_forward_greedy(model.target.model, ids, 30)[len(ids):]
+
+
+def test_reduced_draft_vocabulary_keeps_the_output(tiny_pairs):
+    """draft_vocab_size: the draft proposes among the first N ids only (its lm_head reads
+    N rows); the target still verifies every token, so the output is unchanged."""
+    target, draft = tiny_pairs["qwen2"]
+    model = LLMModel(target, dtype="float32",
+                     pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=4,
+                                                      draft_vocab_size=100))
+    assert model.draft.vocab_limit == 100
+    if hasattr(model.draft, "lm_head_weight"):
+        assert model.draft.lm_head_weight.shape[0] == 100
+    ids = model.encode(PROMPTS[0])
+    out = model.generate(ids, SamplingConfig(max_new_tokens=30))
+    assert out.token_ids == hf_greedy(model, ids, 30)[: len(out.token_ids)]
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        PardSpecDecodeConfig(model_name_or_path=draft, draft_vocab_size=1)
