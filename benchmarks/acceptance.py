@@ -3,6 +3,7 @@ held-out perplexity of the target and the draft (as a plain LM).
 
     python benchmarks/acceptance.py                      # the bundled demo pair
     python benchmarks/acceptance.py --target DIR --draft DIR --ks 1,2,4,8 --prompts FILE
+    python benchmarks/acceptance.py --draft-vocab-sizes 2048,1024,512   # + a reduced draft vocabulary
 
 Default prompts: cut from the Python standard library files held out of the demo
 pair's training (pace_core.training.corpus); they are also written to
@@ -45,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--draft-vocab-sizes", default="",
+                    help="also measure, at the largest K, drafts proposing among the first N ids (comma list)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "acceptance"))
     a = ap.parse_args(argv)
 
@@ -83,6 +86,16 @@ def main(argv=None) -> int:
                 sample = {"prompt": p, "completion": out.text}
         rows.append({"k": k, "mean_accepted": tokens / steps, "tokens": tokens, "steps": steps})
         print(f"K={k:2d}: {tokens / steps:.2f} tokens per step ({tokens} tokens, {steps} steps)", file=sys.stderr)
+    # a reduced draft vocabulary (PardSpecDecodeConfig.draft_vocab_size) at the largest K
+    vocab_rows = []
+    for n_vocab in [int(v) for v in a.draft_vocab_sizes.split(",") if v]:
+        reduced = LLMModel(a.target, dtype=a.dtype, pard_config=PardSpecDecodeConfig(
+            model_name_or_path=a.draft, num_speculative_tokens=max(ks), speculation_schedule="fixed",
+            draft_vocab_size=n_vocab))
+        outs = [reduced.generate(p, SamplingConfig(max_new_tokens=a.max_new_tokens)) for p in prompts]
+        tokens, steps = sum(len(o.token_ids) for o in outs), sum(o.stats.steps for o in outs)
+        vocab_rows.append({"draft_vocab_size": n_vocab, "k": max(ks), "mean_accepted": tokens / steps})
+        print(f"draft vocabulary {n_vocab}: {tokens / steps:.2f} tokens per step at K={max(ks)}", file=sys.stderr)
     n_t = sum(p.numel() for p in model.target.model.parameters())
     n_d = sum(p.numel() for p in model.draft.model.parameters())
     meta = {"target": a.target, "draft": a.draft, "prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
@@ -91,12 +104,18 @@ def main(argv=None) -> int:
             "command": "python benchmarks/acceptance.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "sample": sample}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "draft_vocab_rows": vocab_rows,
+                                                    "sample": sample}, indent=1))
     lines = [f"{len(prompts)} held-out prompts x up to {a.max_new_tokens} new tokens, greedy, {a.dtype}; "
              f"target {n_t / 1e6:.1f}M params (held-out perplexity {ppl_target:.2f}), "
              f"draft {n_d / 1e6:.2f}M params (as a plain LM: {ppl_draft:.2f}); `{meta['command'].strip()}`", "",
              "| K | mean tokens per step (accepted + 1) |", "|---:|---:|"]
     lines += [f"| {r['k']} | {r['mean_accepted']:.2f} |" for r in rows]
+    if vocab_rows:
+        full = next((r["mean_accepted"] for r in rows if r["k"] == max(ks)), None)
+        lines += ["", f"| draft vocabulary (first N ids), K={max(ks)} | mean tokens per step |", "|---:|---:|",
+                  f"| all {model.draft.vocab_limit} | {full:.2f} |"]
+        lines += [f"| {r['draft_vocab_size']} | {r['mean_accepted']:.2f} |" for r in vocab_rows]
     table = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(table)
     print(table)

@@ -273,6 +273,16 @@ def measure(shape: str, dtype: str, threads: int, a, cache: Path) -> dict:
     decode[f"pace_core PARD K={k}"] = ours_decode(llm, prompts, a.new_tokens)
     decode[f"pace_core PARD K={k}, oracle draft ({a.oracle_correct} right per step)"] = ours_decode(
         llm, prompts, a.new_tokens, a.oracle_correct)
+    if a.draft_vocab_size and a.draft_vocab_size < llm.draft.vocab_limit:
+        # the same oracle, with a draft whose lm_head reads the first N ids only
+        # (PardSpecDecodeConfig.draft_vocab_size): what the cheaper draft step saves
+        from pace_core.runner import make_runner
+
+        full_draft = llm.draft
+        llm.draft = make_runner(full_draft.model, llm.config.runner, vocab_limit=a.draft_vocab_size)
+        decode[f"pace_core PARD K={k}, oracle draft, draft vocabulary {a.draft_vocab_size}"] = ours_decode(
+            llm, prompts, a.new_tokens, a.oracle_correct)
+        llm.draft = full_draft
     if not a.skip_hf:
         decode["transformers generate"] = hf_decode(llm, prompts, a.new_tokens)
         decode[f"HF assisted, same draft, {k} tokens"] = hf_decode(llm, prompts, a.new_tokens, llm.draft.model, k)
@@ -361,6 +371,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="2", help="comma list")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--oracle-correct", type=int, default=3, help="oracle draft: right proposals per step")
+    ap.add_argument("--draft-vocab-size", type=int, default=32768,
+                    help="also the oracle row with a draft proposing among the first N ids (0: skip)")
     ap.add_argument("--reps", type=int, default=7, help="timed forwards per token count")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=64)
@@ -374,6 +386,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.smoke:
         a.shapes, a.reps, a.prompts, a.prompt_tokens, a.new_tokens, a.k, a.pace = "tiny-qwen2", 2, 1, 16, 8, 4, "off"
+        a.draft_vocab_size = 1024
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
     machine = machine_name()
