@@ -85,7 +85,7 @@ def decode(
         n = len(accepted) - 1  # proposals kept
         target.crop(k_step - n)  # drop the rejected proposals
         t2 = time.perf_counter()
-        if adaptive:
+        if adaptive and k:
             k_next = next_k(k, k_step, n)
         target_unseen = accepted[-1:]
         draft_unseen += accepted

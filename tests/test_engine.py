@@ -336,6 +336,9 @@ def test_adaptive_k_follows_acceptance(plain_model):
     proposed = [s.num_proposed for s in decode(model.target, ids, 20, model.draft, 6, 1, adaptive=True)]
     assert proposed[0] == 6 and set(proposed[1:-2]) == {2}  # the last two are cut by max_new_tokens
 
+    # K = 0 with the adaptive schedule is plain decoding: nothing is ever proposed
+    assert {s.num_proposed for s in decode(model.target, ids, 10, model.draft, 0, 1, adaptive=True)} == {0}
+
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_adaptive_and_fixed_schedules_give_the_same_tokens(pard_models, arch):
