@@ -60,7 +60,7 @@ class EngineError(RuntimeError):
 
 
 class EngineUnavailable(EngineError):
-    """The replica has no engine (its restart failed): the request was not started, and
+    """The replica has no engine (it is shutting down): the request was not started, and
     the router retries it on another replica."""
 
 

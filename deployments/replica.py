@@ -7,10 +7,11 @@ A dead engine costs one request: the replica watches its engine process (a pidfd
 the event loop), so it notices the death at once, not at the next health check. The
 request that was on the engine fails (:class:`EngineError`; the router answers a 500,
 or an SSE error event once streaming began), and a new engine starts on the same slot
-(the slot stays claimed). Requests that arrive meanwhile wait for it; if it cannot
-start, they fail with :class:`EngineUnavailable` before anything was sent, and the
-router retries them on another replica. The health check fails only while the
-replica has no engine."""
+(the slot stays claimed). Requests that arrive meanwhile wait for it. If it cannot
+start, the replica process exits: a replica without an engine would look idle to
+Serve's routing and draw every request, so it makes way instead; its waiting requests
+fail before anything was sent, the router retries them on another replica, and Serve
+starts a new replica. The health check fails only while the replica has no engine."""
 from __future__ import annotations
 
 import asyncio
@@ -132,9 +133,9 @@ class LLMReplica:
         try:
             await self._start_engine()
         except Exception:
-            logger.exception("the engine could not be restarted; this replica stays unhealthy until Serve "
-                             "replaces it, and its requests are retried on other replicas")
-            return
+            logger.exception("the engine could not be restarted: this replica exits; Serve replaces it, and the "
+                             "router retries its requests on other replicas")
+            os._exit(1)  # the slot's locks go with the process
         logger.info("engine pid %d restarted in %.1fs", self.engine.pid, self.load_s)
 
     # ------------------------------------------------------------------ requests
@@ -148,8 +149,8 @@ class LLMReplica:
             if self.engine is None and self._restarting is not None:
                 await asyncio.shield(self._restarting)  # a new engine is loading: wait for it
             engine = self.engine
-            if engine is None:
-                raise EngineUnavailable("this replica's engine could not be restarted")
+            if engine is None:  # not expected: a replica whose engine cannot restart exits
+                raise EngineUnavailable("this replica has no engine")
             rid = request.get("request_id")
             self.last_request = {"tokens": 0, "finish_reason": None}
             ended = False

@@ -96,3 +96,37 @@ def test_killed_replica_costs_at_most_one_request(handle):
     print(f"\n{len(results)} requests, {len(failures)} failed ({failures}); {after} served after the kill")
     assert len(failures) <= 1, failures
     assert after > CLIENTS
+
+
+def test_engine_that_cannot_restart_takes_its_replica_out_and_costs_at_most_one_request(handle, tiny_pair):
+    """The killed engine's model directory is gone, so its restart fails: the replica
+    exits (an idle-looking replica without an engine would draw every request), the
+    router retries its requests on the other replica, and Serve replaces it once the
+    directory is back."""
+    import ray
+
+    target = tiny_pair[0]
+    engines = engine_pids()
+    victim = engines[0]
+    replica_pid = psutil.Process(victim).ppid()
+    hidden = target + ".hidden"
+
+    def fault():
+        os.rename(target, hidden)
+        os.kill(victim, signal.SIGKILL)
+
+    try:
+        results, t_kill = _load(handle, 15, 3, fault)
+    finally:
+        if os.path.exists(hidden):
+            os.rename(hidden, target)
+    failures = [r for _, r in results if isinstance(r, Exception)]
+    after = sum(1 for t, r in results if t > t_kill and not isinstance(r, Exception))
+    print(f"\n{len(results)} requests, {len(failures)} failed ({failures}); {after} served after the kill")
+    assert not psutil.pid_exists(replica_pid) or psutil.Process(replica_pid).status() == psutil.STATUS_ZOMBIE
+    assert len(failures) <= 1, failures
+    assert after > CLIENTS
+    from helpers import wait_for
+
+    wait_for(lambda: len(engine_pids()) == 2, 120, "Serve's replacement replica")
+    ray.get([])  # the test's Ray is still up
