@@ -151,7 +151,7 @@ def forward_times(llm, reps: int) -> dict:
             setattr(r, key, value)
         r.reset()
         r.forward(prefix, 1)
-        r.crop(0)
+        r.drop_last(0)
         for n in FORWARD_TOKENS:
             new = prefix[:n]
             times = []
@@ -159,7 +159,7 @@ def forward_times(llm, reps: int) -> dict:
                 t = time.perf_counter()
                 r.forward(new, n)
                 times.append(1000 * (time.perf_counter() - t))
-                r.crop(n)
+                r.drop_last(n)
             rows.setdefault(name, {})[n] = {"min_ms": min(times), "median_ms": statistics.median(times)}
         for key, value in saved.items():
             setattr(r, key, value)

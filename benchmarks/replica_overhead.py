@@ -25,7 +25,7 @@ from latency import load_prompts  # noqa: E402
 
 
 def engine_tpot(stats: dict) -> float:
-    n = sum(stats["accepted_per_step"])
+    n = sum(stats["tokens_per_step"])
     return (stats["total_time_s"] - stats["time_to_first_token_s"]) / max(n - 1, 1)
 
 

@@ -10,7 +10,6 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SPECULATIVE_TOKENS = 32
-DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: the checkpoint's own dtype
 MAX_LOGPROBS = 5  # most likely alternatives returned per token, as OpenAI's completions API
 
 

@@ -43,7 +43,7 @@ class Step:
 def propose(draft: CausalLMRunner, unseen: list[int], k: int, pard_token: int, sampler: Sampler) -> list[int]:
     """K draft tokens from one forward pass over ``unseen`` + K-1 PARD tokens."""
     logits = draft.forward(unseen + [pard_token] * (k - 1), num_logits=k)
-    draft.crop(k - 1)  # the draft's cache keeps real tokens only
+    draft.drop_last(k - 1)  # the draft's cache keeps real tokens only
     return sampler.propose(logits)
 
 
@@ -83,7 +83,7 @@ def decode(
         logits = target.forward(target_unseen + proposal, num_logits=k_step + 1)
         accepted, logprobs = sampler.verify(logits, proposal)
         n = len(accepted) - 1  # proposals kept
-        target.crop(k_step - n)  # drop the rejected proposals
+        target.drop_last(k_step - n)  # drop the rejected proposals
         t2 = time.perf_counter()
         if adaptive and k:
             k_next = next_k(k, k_step, n)

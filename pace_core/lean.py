@@ -60,7 +60,7 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
 
 
 class LeanRunner:
-    """Same interface as CausalLMRunner: reset / forward / crop / seq_len / vocab_limit."""
+    """Same interface as CausalLMRunner: reset / forward / drop_last / seq_len / vocab_limit."""
 
     def __init__(self, model, vocab_limit: int | None = None, initial_capacity: int = 256,
                  use_native: bool = True):
@@ -147,7 +147,7 @@ class LeanRunner:
     def reset(self) -> None:
         self.seq_len = 0
 
-    def crop(self, num_tokens: int) -> None:
+    def drop_last(self, num_tokens: int) -> None:
         self.seq_len -= max(num_tokens, 0)
 
     @torch.inference_mode()

@@ -37,7 +37,7 @@ class RequestError(ValueError):
 @dataclass
 class GenerationStats:
     steps: int = 0
-    accepted_per_step: list[int] = field(default_factory=list)  # tokens emitted per step (incl. correction)
+    tokens_per_step: list[int] = field(default_factory=list)  # tokens emitted per step (incl. correction)
     draft_time_s: float = 0.0
     target_time_s: float = 0.0
     time_to_first_token_s: float = 0.0
@@ -45,7 +45,7 @@ class GenerationStats:
 
     @property
     def num_tokens(self) -> int:
-        return sum(self.accepted_per_step)
+        return sum(self.tokens_per_step)
 
     @property
     def mean_accepted_length(self) -> float:
@@ -58,7 +58,7 @@ class GenerationStats:
     def to_dict(self) -> dict:
         return {
             "steps": self.steps,
-            "accepted_per_step": list(self.accepted_per_step),
+            "tokens_per_step": list(self.tokens_per_step),
             "mean_accepted_length": self.mean_accepted_length,
             "draft_time_s": self.draft_time_s,
             "target_time_s": self.target_time_s,
@@ -273,7 +273,7 @@ class LLMModel:
                 for step in steps:
                     delta = out.add(step.tokens)
                     stats.steps += 1
-                    stats.accepted_per_step.append(len(delta.token_ids))
+                    stats.tokens_per_step.append(len(delta.token_ids))
                     stats.draft_time_s += step.draft_s
                     stats.target_time_s += step.target_s
                     stats.total_time_s = time.perf_counter() - t0

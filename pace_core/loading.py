@@ -69,12 +69,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return _from_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer", trust_remote_code=trust_remote_code)
 
 
-def load_config(name: str, trust_remote_code: bool = False):
-    from transformers import AutoConfig
-
-    return _from_pretrained(AutoConfig.from_pretrained, name, "model", trust_remote_code=trust_remote_code)
-
-
 def load_causal_lm(name: str, dtype: str = "auto", trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 

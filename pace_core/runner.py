@@ -1,5 +1,5 @@
 """One causal LM plus its KV cache, behind the three operations the decoder needs:
-feed tokens (getting the logits of the last few), crop the cache, reset.
+feed tokens (getting the logits of the last few), drop the last tokens from the cache, reset.
 
 The same class runs the target and the draft, with or without speculation, so the
 plain greedy baseline is measured with exactly the same machinery. Model-specific
@@ -22,8 +22,8 @@ class CausalLMRunner:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
-        # sliding-window layers keep the states a crop may bring back (rejected proposals)
-        # until the crop that follows every forward
+        # sliding-window layers keep the states drop_last may bring back (rejected proposals)
+        # until the drop_last that follows every forward
         self.cache.activate_past_recording()
         self.seq_len = 0
 
@@ -36,7 +36,7 @@ class CausalLMRunner:
         self.seq_len += len(token_ids)
         return out.logits[0, -num_logits:, : self.vocab_limit].float()
 
-    def crop(self, num_tokens: int) -> None:
+    def drop_last(self, num_tokens: int) -> None:
         """Drop the last ``num_tokens`` entries of the KV cache. The decoder calls it after
         every forward (0 included): sliding-window layers then trim back to their window."""
         self.cache.crop(-max(num_tokens, 0))

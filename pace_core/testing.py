@@ -142,8 +142,8 @@ class OracleDraft:
     def reset(self) -> None:
         self.runner.reset()
 
-    def crop(self, num_tokens: int) -> None:
-        self.runner.crop(num_tokens)
+    def drop_last(self, num_tokens: int) -> None:
+        self.runner.drop_last(num_tokens)
 
     def forward(self, token_ids: list[int], num_logits: int) -> torch.Tensor:
         logits = self.runner.forward(token_ids, num_logits)

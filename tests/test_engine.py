@@ -59,7 +59,7 @@ def test_pard_equals_transformers_greedy_fp32(pard_models, arch, k, runner):
         ids = model.encode(prompt)
         out = model.generate(ids, SamplingConfig(max_new_tokens=n))
         assert out.token_ids == hf_greedy(model, ids, n), (arch, k, prompt)
-        assert sum(out.stats.accepted_per_step) == len(out.token_ids)
+        assert sum(out.stats.tokens_per_step) == len(out.token_ids)
 
 
 @pytest.mark.parametrize("runner", ["lean", "transformers"])
@@ -70,7 +70,7 @@ def test_plain_path_equals_transformers_greedy(tiny_pair, runner):
         ids = model.encode(prompt)
         out = model.generate(ids, SamplingConfig(max_new_tokens=40))
         assert out.token_ids == hf_greedy(model, ids, 40)
-        assert out.stats.accepted_per_step == [1] * len(out.token_ids)
+        assert out.stats.tokens_per_step == [1] * len(out.token_ids)
         assert out.stats.draft_time_s == 0
 
 
@@ -102,7 +102,7 @@ class OracleDraft:
         self.calls += 1
         return logits
 
-    def crop(self, n):
+    def drop_last(self, n):
         if n:
             del self.fed[-n:]
 
@@ -125,7 +125,7 @@ def test_perfect_draft_yields_k_plus_one_per_step(plain_model, k):
     n = 5 * (k + 1)
     model = with_double(plain_model, ids, k, n)
     out = model.generate(ids, SamplingConfig(max_new_tokens=n, ignore_eos=True))
-    assert out.stats.accepted_per_step == [k + 1] * 5
+    assert out.stats.tokens_per_step == [k + 1] * 5
     assert out.token_ids == full_forward_greedy(model.target.model, ids, n)[len(ids):]
 
 
@@ -133,7 +133,7 @@ def test_always_wrong_draft_yields_one_per_step(plain_model):
     ids = plain_model.encode(PROMPTS[0])
     model = with_double(plain_model, ids, 6, 30, wrong=lambda call, i: True)
     out = model.generate(ids, SamplingConfig(max_new_tokens=30, ignore_eos=True))
-    assert out.stats.accepted_per_step == [1] * 30
+    assert out.stats.tokens_per_step == [1] * 30
     assert out.stats.mean_accepted_length == 1.0
     assert out.token_ids == full_forward_greedy(model.target.model, ids, 30)[len(ids):]
 
@@ -146,8 +146,8 @@ def test_partially_right_draft_keeps_exact_output(plain_model):
     assert out.token_ids == full_forward_greedy(model.target.model, ids, 60)[len(ids):]
     # step c accepts exactly c % 6 proposals (the first wrong one is at index c % 6), plus one correction
     expected = [min(c % 6, 5) + 1 for c in range(out.stats.steps)]
-    assert out.stats.accepted_per_step[:-1] == expected[:-1]
-    assert sum(out.stats.accepted_per_step) == 60
+    assert out.stats.tokens_per_step[:-1] == expected[:-1]
+    assert sum(out.stats.tokens_per_step) == 60
 
 
 def test_bfloat16_mismatches_are_near_ties(tiny_pairs):
@@ -297,8 +297,8 @@ def test_stats_are_consistent(pard_models):
     model.num_speculative_tokens = 4
     out = model.generate(PROMPTS[2], SamplingConfig(max_new_tokens=20, ignore_eos=True))
     s = out.stats
-    assert s.steps == len(s.accepted_per_step) and s.num_tokens == 20
-    assert all(1 <= a <= 5 for a in s.accepted_per_step)
+    assert s.steps == len(s.tokens_per_step) and s.num_tokens == 20
+    assert all(1 <= a <= 5 for a in s.tokens_per_step)
     assert s.draft_time_s > 0 and s.target_time_s > 0
     assert 0 < s.time_to_first_token_s <= s.total_time_s
     assert s.to_dict()["mean_accepted_length"] == pytest.approx(20 / s.steps)

@@ -19,7 +19,7 @@ def test_lean_logits_match_transformers(tiny_pairs, arch):
     for chunk, keep, crop in ((ids[:50], 3, 0), (ids[50:59], 9, 4), (ids[59:60], 1, 0), (ids[60:90], 30, 7)):
         a, b = hf.forward(chunk, keep), lean.forward(chunk, keep)
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-        hf.crop(crop), lean.crop(crop)
+        hf.drop_last(crop), lean.drop_last(crop)
         assert hf.seq_len == lean.seq_len == hf.cache.get_seq_length()
 
 
@@ -60,7 +60,7 @@ def _assert_same_logits(a_runner, b_runner, seed=0):
     a_runner.reset(), b_runner.reset()
     for chunk, keep, crop in ((ids[:50], 3, 0), (ids[50:59], 9, 4), (ids[59:60], 1, 0), (ids[60:90], 30, 7)):
         assert torch.equal(a_runner.forward(chunk, keep), b_runner.forward(chunk, keep))  # bit for bit
-        a_runner.crop(crop), b_runner.crop(crop)
+        a_runner.drop_last(crop), b_runner.drop_last(crop)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
