@@ -7,9 +7,13 @@ This runner reuses the model's own modules and weights (norms, projections, MLP,
 rotary embedding) and only replaces the glue: one contiguous K/V buffer per layer,
 grown geometrically, where cropping is just moving the length back.
 
-The layer loop runs in C++ (:mod:`pace_core.native`: the same ATen ops, bit-identical,
+The layer loop runs in C++ (:mod:`pace_core.native`: the same ops, bit-identical,
 without Python's per-op overhead) when the native kernels build and agree with the
-Python loop below on a probe forward; otherwise in Python.
+Python loop below on a probe forward; otherwise in Python. In float32 both loops use
+the few-rows kernels (csrc/few_rows.cpp) for every linear and attention: each weight is
+streamed from memory once for all the tokens of a forward (so a K+1-token verify costs
+about one decode step), and each token's row is computed alone, so a verify, a decode
+step and a prompt split in any way give bit-identical logits.
 
 It is used when :func:`supports` says the architecture matches; anything else runs
 through :class:`pace_core.runner.CausalLMRunner` with the same interface.
@@ -83,11 +87,12 @@ class LeanRunner:
         # the output projection over the ids that can be emitted only (padding rows unread)
         self.lm_head_weight = model.lm_head.weight[: self.vocab_limit]
         self.lm_head_bias = model.lm_head.bias[: self.vocab_limit] if model.lm_head.bias is not None else None
-        # every linear through the native op when it builds: the few-rows kernel for decode
-        # steps and verifies (csrc/few_rows_linear.cpp), the library GEMM for prefill
+        # every linear through the native op when it builds: in float32 the few-rows kernels
+        # (csrc/few_rows.cpp: each weight read once for up to 64 rows, each row computed
+        # alone), torch's own GEMM otherwise
         self.linear = torch.ops.pace_core.linear if native.load() else F.linear
-        # up to this many new tokens (a decode step or a verify), float32 attention runs
-        # through the native few-rows kernel: each query row as a one-token step computes it
+        # float32 forwards run in chunks of up to this many tokens through the few-rows
+        # linear and attention kernels (0: no native kernels)
         self.few_rows = torch.ops.pace_core.few_rows_limit() if native.load() else 0
         self.capacity = 0
         self.k_cache: list[torch.Tensor] = []
@@ -152,10 +157,26 @@ class LeanRunner:
 
     @torch.inference_mode()
     def forward(self, token_ids: list[int], num_logits: int) -> torch.Tensor:
-        n, start = len(token_ids), self.seq_len
-        end = start + n
-        if end > self.capacity:
-            self._grow(end)
+        n = len(token_ids)
+        if self.seq_len + n > self.capacity:
+            self._grow(self.seq_len + n)
+        chunk = self.few_rows if self.few_rows and self.dtype == torch.float32 else n
+        # a long prompt runs in chunks of the few-rows kernels' size (as fast as one big
+        # GEMM on CPU): every row is then computed exactly as in a decode step, so no
+        # logit depends on how a sequence was split into forwards
+        last = []  # hidden states of the last num_logits positions
+        for first in range(0, n, chunk):
+            h = self._hidden(token_ids[first : first + chunk])
+            keep = first + h.shape[1] - (n - num_logits)
+            if keep > 0:
+                last.append(h[:, -keep:])
+        h = self.model.model.norm(torch.cat(last, dim=1) if len(last) > 1 else last[0])
+        return self.linear(h[0], self.lm_head_weight, self.lm_head_bias).float()
+
+    def _hidden(self, token_ids: list[int]) -> torch.Tensor:
+        """Run the decoder layers over ``token_ids`` (appending them to the cache)."""
+        start = self.seq_len
+        end = start + len(token_ids)
         ids = torch.tensor([token_ids], dtype=torch.long)
         positions = torch.arange(start, end).unsqueeze(0)
         h = self.model.model.embed_tokens(ids)
@@ -166,9 +187,8 @@ class LeanRunner:
                                                  self.norm_eps)
         else:
             h = self._layers(h, cos, sin, start, end)
-        h = self.model.model.norm(h[:, -num_logits:])
         self.seq_len = end
-        return self.linear(h[0], self.lm_head_weight, self.lm_head_bias).float()
+        return h
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
         """Causal attention of the new queries q (1, H, n, D) over the cache, which holds

@@ -141,7 +141,8 @@ def test_few_rows_linear_is_the_same_whatever_the_row_count(n_out, k_in):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_verify_logits_equal_one_token_steps(tiny_pairs, arch):
     """A 9-token forward after a prefix gives, bit for bit, the logits of nine
-    one-token forwards: speculation never changes what the target computes."""
+    one-token forwards: speculation never changes what the target computes; nor does
+    splitting a long prompt into forwards (prefix reuse)."""
     _native_or_skip()
     model = LLMModel(tiny_pairs[arch][0], dtype="float32").target
     prefix, new = list(range(5, 45)), list(range(50, 59))
@@ -152,6 +153,13 @@ def test_verify_logits_equal_one_token_steps(tiny_pairs, arch):
     model.forward(prefix, 1)
     stepped = torch.cat([model.forward([t], 1) for t in new])
     assert torch.equal(batched, stepped)
+    # a long prompt (past the few-rows size) in one forward or in any pieces: the same
+    prompt = [(7 * i) % 400 + 3 for i in range(150)]
+    model.reset()
+    whole = model.forward(prompt, 20)
+    model.reset()
+    pieces = [model.forward(prompt[:37], 1), model.forward(prompt[37:130], 10), model.forward(prompt[130:], 20)]
+    assert torch.equal(whole, pieces[-1])
 
 
 def test_few_rows_attention_matches_sdpa_and_is_row_independent():
