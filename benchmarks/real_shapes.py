@@ -186,7 +186,7 @@ def ours_decode(llm, prompts: list[list[int]], new_tokens: int, oracle_correct: 
             k, llm.num_speculative_tokens = llm.num_speculative_tokens, 0
             reference = ids + llm.generate(ids, sampling).token_ids
             llm.num_speculative_tokens = k
-            llm.draft = OracleDraft(real_draft, reference, oracle_correct)
+            llm.draft = OracleDraft(real_draft, reference, oracle_correct, llm.target.vocab_limit)
         t = time.perf_counter()
         out = llm.generate(ids, sampling)
         dt = time.perf_counter() - t
@@ -290,15 +290,16 @@ def measure(shape: str, dtype: str, threads: int, a, cache: Path) -> dict:
         workdir = cache / "pace-run"
         workdir.mkdir(exist_ok=True)
         for name, d in (("AMD PACE 1.3.0 greedy", None), (f"AMD PACE 1.3.0 PARD K={k}", draft)):
-            got = pace_decode(target, d, prompts, a.new_tokens, dtype, threads, k, workdir)
+            got = pace_decode(target, d, prompts, a.pace_new_tokens or a.new_tokens, dtype, threads, k, workdir)
             if got is None:
                 log("  AMD PACE: skipped (no venv at $PACE_VENV: build it with benchmarks/pace/setup_pace.sh)")
                 break
             decode[name] = got
     reference = decode["pace_core greedy"]["outputs"]
-    for name, row in decode.items():
+    for name, row in decode.items():  # over the tokens both produced
         same = sum(a_ == b_ for out, ref in zip(row["outputs"], reference) for a_, b_ in zip(out, ref))
-        row["token_match_vs_pace_core_greedy"] = same / max(1, sum(len(r) for r in reference))
+        row["token_match_vs_pace_core_greedy"] = same / max(1, sum(min(len(o), len(r))
+                                                                   for o, r in zip(row["outputs"], reference)))
         row["ms_per_token"] = 1000 / row["tokens_per_s"]
         log(f"  {name}: {row['tokens_per_s']:.2f} tok/s"
             + (f", {row['tokens_per_step']:.2f} tok/step" if row.get("tokens_per_step") else ""))
@@ -378,6 +379,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--pace", choices=["auto", "off"], default="auto")
+    ap.add_argument("--pace-new-tokens", type=int, default=16,
+                    help="new tokens per prompt for AMD PACE (its float32 PARD takes seconds per token)")
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers generate and HF assisted")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/pace_core/real_shapes"),
                     help="where the random models are built once")

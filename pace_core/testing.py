@@ -131,9 +131,11 @@ class OracleDraft:
     ``correct`` proposals of every step right and the next one wrong. So each step
     emits ``correct + 1`` tokens (all K+1 when ``correct >= K``), whatever the weights."""
 
-    def __init__(self, runner, reference: list[int], correct: int):
+    def __init__(self, runner, reference: list[int], correct: int, vocab_size: int | None = None):
         self.runner, self.reference, self.correct = runner, reference, correct
-        self.vocab_limit = runner.vocab_limit
+        # the ids it may propose: the target's (a reduced-vocabulary draft's cost, with
+        # every reference token still proposable)
+        self.vocab_limit = vocab_size or runner.vocab_limit
 
     @property
     def seq_len(self) -> int:
@@ -152,6 +154,6 @@ class OracleDraft:
         for i in range(num_logits):
             right = self.reference[real + i] if real + i < len(self.reference) else 0
             chosen[i] = right if i < self.correct else (right + 1) % self.vocab_limit
-        out = torch.full_like(logits, -1e4)
+        out = torch.full((num_logits, self.vocab_limit), -1e4)
         out[torch.arange(num_logits), chosen] = 0.0
         return out
