@@ -1,9 +1,12 @@
 """Where one forward of the lean runner goes: the time of a forward of n new tokens
-(after a 60-token prefix) with the C++ layer loop and with the Python one, and the
-time of its GEMMs alone (the same weights, in the same order, on random inputs), per
-model. The rest of a forward is per-op overhead and the small ops between the GEMMs.
+(after a --prefix-token prefix) with the C++ layer loop and with the Python one, the
+time of its layer GEMMs alone and of its output projection alone (the same weights
+through the same linear, on random inputs), per model. The rest of a forward is
+attention, the small ops between the GEMMs and per-op overhead.
 
     python benchmarks/forward_profile.py                 # the demo pair, 1 thread
+    python benchmarks/forward_profile.py --models ~/.cache/pace_core/real_shapes/qwen2.5-0.5b \
+        --prefix 256 --tokens 1,9 --threads 2 --reps 20  # a real shape (built by real_shapes.py)
     python benchmarks/forward_profile.py --smoke         # tiny random models (CI)
 
 Prints one JSON line per model and token count (milliseconds, medians of --reps).
@@ -37,11 +40,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1,9")
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prefix", type=int, default=60, help="tokens in the cache before the timed forwards")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
 
     import torch
-    import torch.nn.functional as F
 
     from pace_core import LLMModel
 
@@ -56,22 +59,27 @@ def main(argv=None) -> int:
         gemms = [(w, b) for i, layer in enumerate(runner.layers)
                  for w, b in (runner.qkv[i], (layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias),
                               runner.gate_up[i], (layer.mlp.down_proj.weight, layer.mlp.down_proj.bias))]
-        gemms.append((runner.model.lm_head.weight, None))
-        prefix = list(range(1, 61))
+        head = (runner.lm_head_weight, runner.lm_head_bias)
+        prefix = [1 + i % (runner.vocab_limit - 1) for i in range(a.prefix)]
         runner.reset()
         runner.forward(prefix, 1)
         for n in (int(t) for t in a.tokens.split(",")):
             new = [(7 + i) % runner.vocab_limit for i in range(n)]
             inputs = [torch.randn(n, w.shape[1]) for w, _ in gemms]
+            head_input = torch.randn(n, head[0].shape[1])
 
             def step():
                 runner.seq_len = len(prefix)
                 runner.forward(new, n)
 
-            def gemms_only():
+            def gemms_only():  # through the forward's own linear (the few-rows kernel in float32)
                 with torch.inference_mode():
                     for x, (w, b) in zip(inputs, gemms):
-                        F.linear(x, w, b)
+                        runner.linear(x, w, b)
+
+            def lm_head_only():
+                with torch.inference_mode():
+                    runner.linear(head_input, *head)
 
             row = {"model": path, "tokens": n, "native_available": runner.native}
             for native in ([True, False] if runner.native else [False]):
@@ -80,7 +88,8 @@ def main(argv=None) -> int:
                 row["forward_native_ms" if native else "forward_python_ms"] = median_ms(step, a.reps)
             runner.native = row["native_available"]
             gemms_only()
-            row["gemms_only_ms"] = median_ms(gemms_only, a.reps)
+            row["layer_gemms_ms"] = median_ms(gemms_only, a.reps)
+            row["lm_head_ms"] = median_ms(lm_head_only, a.reps)
             print(json.dumps(row), flush=True)
     return 0
 

@@ -283,14 +283,15 @@ def measure(shape: str, dtype: str, threads: int, a, cache: Path) -> dict:
         decode[f"pace_core PARD K={k}, oracle draft, draft vocabulary {a.draft_vocab_size}"] = ours_decode(
             llm, prompts, a.new_tokens, a.oracle_correct)
         llm.draft = full_draft
+    baseline_tokens = a.baseline_new_tokens or a.new_tokens
     if not a.skip_hf:
-        decode["transformers generate"] = hf_decode(llm, prompts, a.new_tokens)
-        decode[f"HF assisted, same draft, {k} tokens"] = hf_decode(llm, prompts, a.new_tokens, llm.draft.model, k)
+        decode["transformers generate"] = hf_decode(llm, prompts, baseline_tokens)
+        decode[f"HF assisted, same draft, {k} tokens"] = hf_decode(llm, prompts, baseline_tokens, llm.draft.model, k)
     if a.pace == "auto":
         workdir = cache / "pace-run"
         workdir.mkdir(exist_ok=True)
         for name, d in (("AMD PACE 1.3.0 greedy", None), (f"AMD PACE 1.3.0 PARD K={k}", draft)):
-            got = pace_decode(target, d, prompts, a.pace_new_tokens or a.new_tokens, dtype, threads, k, workdir)
+            got = pace_decode(target, d, prompts, baseline_tokens, dtype, threads, k, workdir)
             if got is None:
                 log("  AMD PACE: skipped (no venv at $PACE_VENV: build it with benchmarks/pace/setup_pace.sh)")
                 break
@@ -379,8 +380,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--pace", choices=["auto", "off"], default="auto")
-    ap.add_argument("--pace-new-tokens", type=int, default=16,
-                    help="new tokens per prompt for AMD PACE (its float32 PARD takes seconds per token)")
+    ap.add_argument("--baseline-new-tokens", type=int, default=16,
+                    help="new tokens per prompt for transformers, HF assisted and AMD PACE (the slow ones)")
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers generate and HF assisted")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/pace_core/real_shapes"),
                     help="where the random models are built once")
@@ -394,13 +395,18 @@ def main(argv=None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     machine = machine_name()
     log(f"machine: {machine}")
-    results = [measure(s, d, int(t), a, cache) for s in a.shapes.split(",") for d in a.dtypes.split(",")
-               for t in a.threads.split(",")]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "args": vars(a), "results": results}, indent=1))
-    out.with_suffix(".md").write_text(markdown(results, machine))
-    plot(results, out.with_suffix(".png"))
+    results = []
+    for s in a.shapes.split(","):
+        for d in a.dtypes.split(","):
+            for t in a.threads.split(","):
+                results.append(measure(s, d, int(t), a, cache))
+                # written after every configuration: a long run keeps what it measured
+                out.with_suffix(".json").write_text(json.dumps({"machine": machine, "args": vars(a),
+                                                                "results": results}, indent=1))
+                out.with_suffix(".md").write_text(markdown(results, machine))
+                plot(results, out.with_suffix(".png"))
     print(markdown(results, machine))
     return 0
 
