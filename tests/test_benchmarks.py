@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,6 +32,7 @@ def test_latency_benchmark_smoke(tmp_path):
     assert "| HF greedy |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow  # starts Ray Serve (the default suite covers Serve in test_serve.py)
 def test_serving_benchmark_smoke(tmp_path):
     """Launches `serve run` on tiny models (1 replica), a concurrency sweep, and the
     in-process comparison."""
@@ -70,6 +73,7 @@ def test_engine_bench_speaks_pace_bench_json(tmp_path):
     assert out["tokens"] == sum(len(r["new_token_ids"]) for r in out["results"]) and out["tokens_per_second"] > 0
 
 
+@pytest.mark.slow  # starts Ray Serve
 def test_replica_overhead_smoke(tmp_path):
     """benchmarks/replica_overhead.py: the engine's own time inside a Serve replica,
     streamed and not, against in-process (tiny models, 2 pairs)."""
