@@ -44,7 +44,8 @@ def build_app(args: AppArgs) -> Application:
                 resolved[field] = resolve_model_path(value)
             except ModelLoadError as err:
                 raise ValueError(f"{field}: {err}") from None
-    replica_args = {**args.model_dump(exclude={"api_key", "autoscaling"}), **resolved}
+    args.resolved_api_key()  # an unreadable api_key_file fails the deploy (the router reads it again)
+    replica_args = {**args.model_dump(exclude={"api_key_file", "autoscaling"}), **resolved}
 
     runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in REPLICA_ENV.items()}}
     actor_options: dict = {"num_cpus": args.cores_per_slot or 1, "runtime_env": runtime_env}

@@ -31,8 +31,12 @@ class AutoscalingArgs(BaseModel):
         return self
 
 
+API_KEY_ENV = "PACE_API_KEY"
+
+
 class AppArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # no argument's value in error messages: Serve logs them, and a value may be a secret
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
     target: str = "models/demo-target"
     draft: str | None = "models/demo-draft"  # None: plain decoding
@@ -58,11 +62,34 @@ class AppArgs(BaseModel):
     # replica as one message of at most 4 MiB (Ray Serve's gRPC limit), hence the cap.
     max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024, le=3 * 1024 * 1024)
     max_prompt_chars: int = Field(1_000_000, ge=1)
-    api_key: str | None = None  # or the PACE_API_KEY environment variable
+    # the API key lives in the PACE_API_KEY environment variable of the Ray nodes, or in
+    # this file (an absolute path, read by the router): never in the app arguments, which
+    # Serve logs and stores in plain text (see _no_literal_api_key)
+    api_key_file: str | None = None
     trust_remote_code: bool = False
     # the sampling fields of the target's generation_config.json are the defaults of
     # requests that leave them out (as transformers and vLLM); false: greedy defaults
     generation_config_defaults: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_api_key(cls, data):
+        """Refused rather than redacted: Serve logs a config's arguments ("Importing
+        application ... with arguments {...}") and keeps them in the application's
+        details before any code of ours runs, so a key given here is already exposed;
+        a failed deploy says so at once, where a redaction would hide it for good."""
+        if isinstance(data, dict) and "api_key" in data:
+            raise ValueError(f"api_key must not be an app argument: Serve logs and stores app arguments in plain "
+                             f"text (rotate this key: it is in the logs now). Set the {API_KEY_ENV} environment "
+                             "variable where Ray runs, or name a file holding the key with api_key_file")
+        return data
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _key_file(cls, v: str | None) -> str | None:
+        if v is not None and not os.path.isabs(v):
+            raise ValueError("api_key_file must be an absolute path (got a relative one)")
+        return v
 
     @field_validator("num_speculative_tokens")
     @classmethod
@@ -85,7 +112,18 @@ class AppArgs(BaseModel):
         return v
 
     def resolved_api_key(self) -> str | None:
-        return self.api_key or os.environ.get("PACE_API_KEY") or None
+        """The key from ``api_key_file`` if set, else from $PACE_API_KEY; None: no key.
+        Raises ValueError (naming the file, never its content) if the file is unusable."""
+        if self.api_key_file is None:
+            return os.environ.get(API_KEY_ENV) or None
+        try:
+            with open(self.api_key_file, encoding="utf-8") as f:
+                key = f.read().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"api_key_file {self.api_key_file}: cannot read it ({type(err).__name__})") from None
+        if not key or any(c.isspace() for c in key):
+            raise ValueError(f"api_key_file {self.api_key_file}: the file must hold the key alone, on one line")
+        return key
 
     @property
     def max_replicas(self) -> int:

@@ -459,6 +459,6 @@ class Router:
             yield chunk
 
     async def info(self) -> dict:
-        """Served model, arguments (without the API key) and a replica's info."""
-        return {"served_model_name": self.model_name, "args": self.args.model_dump(exclude={"api_key"}),
+        """Served model, arguments and a replica's info."""
+        return {"served_model_name": self.model_name, "args": self.args.model_dump(),
                 "replica": await self.replica.info.remote(), "in_flight": self.metrics.in_flight}

@@ -24,9 +24,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def deploy_config(applications: list[dict], timeout: float = 120) -> dict:
+    """Deploy apps from a config, as `serve deploy` / `serve run config.yaml` do (Serve
+    builds them in its controller and logs their arguments); wait until each is RUNNING
+    or failed; returns {name: (status, message)}."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=applications))
+    names = [a["name"] for a in applications]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        done = {n: (apps[n].status, apps[n].message) for n in names if n in apps
+                and apps[n].status in ("RUNNING", "DEPLOY_FAILED")}
+        if len(done) == len(names):
+            return done
+        time.sleep(0.5)
+    raise AssertionError(f"apps {names} not deployed after {timeout}s: {serve.status().applications}")
+
+
 @pytest.fixture(scope="module")
-def server(tiny_pair):
-    """App "pace" (2 replicas, queue bound 6) at /, app "one" (1 replica, API key) at /one."""
+def server(tiny_pair, tmp_path_factory):
+    """App "pace" (2 replicas, queue bound 6) at /; app "one" (1 replica, its API key in
+    a file) at /one, deployed from a config as `serve deploy` does."""
     import httpx
     import ray
     from ray import serve
@@ -35,13 +57,16 @@ def server(tiny_pair):
 
     os.environ["PACE_PIN"] = "0"  # the pinning tests live in test_cluster_serve_pinning.py
     target, draft = tiny_pair
+    key_file = tmp_path_factory.mktemp("secrets") / "api_key"
+    key_file.write_text(API_KEY + "\n")
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="pace-serve-test")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"target": target, "draft": draft, "num_speculative_tokens": 3, "dtype": "float32"}
     handle = serve.run(build_app({**common, "num_replicas": 2, "max_queued_requests": 6}), name="pace", route_prefix="/")
-    serve.run(build_app({**common, "num_replicas": 1, "api_key": API_KEY, "served_model_name": "one"}),
-              name="one", route_prefix="/one")
+    one = {"name": "one", "route_prefix": "/one", "import_path": "deployments.app:build_app",
+           "args": {**common, "num_replicas": 1, "api_key_file": str(key_file), "served_model_name": "one"}}
+    assert deploy_config([one]) == {"one": ("RUNNING", "")}
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     try:
         yield {"client": client, "handle": handle, "port": port, "url": f"http://127.0.0.1:{port}"}
@@ -244,6 +269,51 @@ def test_api_key(server):
     r = c.post("/one/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 200 and r.json()["model"] == "one"
     assert c.post("/v1/completions", json=body).status_code == 200  # the other app has no key
+
+
+def test_api_key_never_reaches_logs_or_app_details(server):
+    """The key of app "one" (from api_key_file, deployed from a config) works, and no
+    file of this Ray session's logs, nor Serve's stored app details, holds it."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    c = server["client"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    assert c.post("/one/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=headers).status_code == 200
+    assert c.post("/one/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 401
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert any("Importing application 'one' with arguments" in p.read_text(errors="replace")
+               for p in files if p.suffix == ".log")  # Serve did log the arguments
+    assert not [p for p in files if API_KEY.encode() in p.read_bytes()]
+    details = json.dumps(_get_global_client().get_serve_details())
+    assert "api_key_file" in details and API_KEY not in details
+
+
+def test_literal_api_key_is_refused_without_repeating_it(tiny_pair, tmp_path, monkeypatch):
+    """A key in the app arguments fails the build as Serve runs it, with a message naming
+    the environment variable and the file argument, and never quoting the key."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from deployments.app import build_app
+    from deployments.args import AppArgs
+
+    target, draft = tiny_pair
+    secret = "sk-literal-secret-123"
+    with pytest.raises(ValueError) as err:
+        call_user_app_builder_with_args_if_necessary(build_app, {"target": target, "draft": draft, "api_key": secret})
+    assert "PACE_API_KEY" in str(err.value) and "api_key_file" in str(err.value) and secret not in str(err.value)
+    with pytest.raises(ValueError) as err:  # a bad value elsewhere does not print the arguments either
+        AppArgs(target=target, api_key_file=secret)
+    assert "absolute path" in str(err.value) and secret not in str(err.value)
+    missing = tmp_path / "no-key"
+    with pytest.raises(ValueError, match="api_key_file .*no-key: cannot read it"):
+        build_app({"target": target, "draft": draft, "api_key_file": str(missing)})
+    key_file = tmp_path / "key"
+    key_file.write_text(f"{secret}\n")
+    monkeypatch.setenv("PACE_API_KEY", "from-env")
+    assert AppArgs(api_key_file=str(key_file)).resolved_api_key() == secret  # the file wins
+    assert AppArgs().resolved_api_key() == "from-env"
 
 
 def test_client_disconnect_stops_generation_within_a_step(server):
