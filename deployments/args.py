@@ -62,6 +62,16 @@ class AppArgs(BaseModel):
     # replica as one message of at most 4 MiB (Ray Serve's gRPC limit), hence the cap.
     max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024, le=3 * 1024 * 1024)
     max_prompt_chars: int = Field(1_000_000, ge=1)
+    # /v1/completions with "prompt" as a list: at most this many prompts (and at most
+    # replicas + max_queued_requests), admitted together or refused together
+    max_prompts_per_request: int = Field(8, ge=1)
+    # a request not finished this many seconds after it arrived ends with a 504 (an SSE
+    # error event once streaming began) and its generation stops; None: no deadline
+    request_timeout_s: float | None = Field(None, gt=0)
+    # the engine's liveness bound: an engine serving a request must send something (a
+    # step's tokens; the first after the prefill) within this many seconds, or it is
+    # killed, its request fails and its replica is replaced. Above the longest prefill.
+    engine_step_timeout_s: float = Field(120.0, gt=0)
     # the API key lives in the PACE_API_KEY environment variable of the Ray nodes, or in
     # this file (an absolute path, read by the router): never in the app arguments, which
     # Serve logs and stores in plain text (see _no_literal_api_key)

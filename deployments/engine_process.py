@@ -59,6 +59,10 @@ class EngineError(RuntimeError):
     """The engine process died (or broke the protocol) while serving a request."""
 
 
+class EngineStalled(EngineError):
+    """The engine made no progress (no message) within the replica's step bound."""
+
+
 class EngineUnavailable(EngineError):
     """The replica has no engine (it is shutting down): the request was not started, and
     the router retries it on another replica."""

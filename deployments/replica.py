@@ -11,7 +11,14 @@ or an SSE error event once streaming began), and a new engine starts on the same
 start, the replica process exits: a replica without an engine would look idle to
 Serve's routing and draw every request, so it makes way instead; its waiting requests
 fail before anything was sent, the router retries them on another replica, and Serve
-starts a new replica. The health check fails only while the replica has no engine."""
+starts a new replica. The health check fails only while the replica has no engine.
+
+A stalled engine (no message within ``engine_step_timeout_s`` while it serves a
+request: a step, or the prefill, that does not end; a stopped process) is killed, its
+request fails with a clean error, the health check fails, and the replica process
+exits: Serve replaces it, and the router's /health reports it until the replacement
+serves. (Not restarted in place: a stall may be the host's or the slot's, and the exit
+is what makes it visible to Serve.)"""
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +28,7 @@ import time
 
 from ray import serve
 
-from .engine_process import EngineError, EngineProcess, EngineUnavailable
+from .engine_process import EngineError, EngineProcess, EngineStalled, EngineUnavailable
 
 logger = logging.getLogger("ray.serve")
 
@@ -52,6 +59,9 @@ async def _readable(fd: int) -> None:
 
 @serve.deployment(max_ongoing_requests=1, health_check_period_s=5, graceful_shutdown_timeout_s=5)
 class LLMReplica:
+    step_timeout_s: float | None = None  # the engine's liveness bound (app argument engine_step_timeout_s)
+    stalled: str | None = None  # why this replica is going away
+
     async def __init__(self, args: dict):
         from pace_core.numa import claim_slot, pinning_enabled
 
@@ -76,6 +86,7 @@ class LLMReplica:
             self.slot.torch_threads = self.engine.info["torch_threads"]
             self.slot.membind = self.engine.info.get("membind") or self.slot.membind
         self.stream_interval_s = args.get("stream_interval_ms", 0) / 1000
+        self.step_timeout_s = args.get("engine_step_timeout_s")
         self.requests_served = 0
         self.tokens_generated = 0
         self.last_request: dict = {}  # tokens generated and finish reason of the latest request
@@ -175,6 +186,11 @@ class LLMReplica:
                                 raise RuntimeError(f"request {rid} failed in the engine (see the replica's log)")
                     if chunks:
                         yield join_chunks(chunks)
+            except EngineStalled as err:
+                ended = True
+                self._stalled(engine, rid, err)
+                raise EngineError(f"request {rid}: {err}; the engine was stopped and its replica is being "
+                                  "replaced") from None
             except EngineError as err:
                 ended = True
                 logger.error("request %s: %s", rid, err)
@@ -190,6 +206,8 @@ class LLMReplica:
                         while not ended:
                             kind, payload = await self._recv(engine)
                             ended = kind in ("end", "user_error")
+                    except EngineStalled as err:
+                        self._stalled(engine, rid, err)
                     except EngineError:
                         self._engine_gone(engine)
                         engine.close()
@@ -200,11 +218,27 @@ class LLMReplica:
         self.last_request["finish_reason"] = chunk["finish_reason"]
         self.tokens_generated += len(chunk["token_ids"])
 
-    @staticmethod
-    async def _recv(engine):
-        """The engine's next message, without blocking the event loop."""
+    def _stalled(self, engine: EngineProcess, rid, err: Exception) -> None:
+        """The engine made no progress within the step bound: kill it (a stopped or
+        wedged process may never answer a stop), fail the health check from now on, and
+        exit shortly (once the request's error is on its way): Serve replaces this
+        replica, and the slot's locks go with the process."""
+        self.stalled = f"the engine process (pid {engine.pid}) stalled: {err}"
+        logger.error("request %s: %s; this replica exits and Serve replaces it", rid, self.stalled)
+        self.engine = None  # no restart in place
+        engine.proc.kill()  # SIGKILL also ends a stopped process
+        engine.close()
+        asyncio.get_running_loop().call_later(1.0, os._exit, 1)
+
+    async def _recv(self, engine):
+        """The engine's next message, without blocking the event loop; EngineStalled if
+        none comes within the step bound."""
         if not engine.poll():
-            await _readable(engine.fileno())
+            try:
+                await asyncio.wait_for(_readable(engine.fileno()), self.step_timeout_s)
+            except asyncio.TimeoutError:
+                raise EngineStalled(f"no progress for {self.step_timeout_s:g} s (app argument "
+                                    "engine_step_timeout_s)") from None
         return engine.recv()
 
     async def _take_ready(self, engine, not_before: float) -> list:
@@ -247,6 +281,8 @@ class LLMReplica:
         }
 
     def check_health(self) -> None:
+        if self.stalled:
+            raise RuntimeError(self.stalled)
         if self.engine is None:
             raise RuntimeError("this replica has no engine process (it is restarting, or its restart failed)")
 

@@ -66,6 +66,11 @@ def _internal_error(rid: str) -> APIError:
                          "Retry the request.", code="internal_error", type_="server_error")
 
 
+def _handle_error(err: APIError) -> Exception:
+    """A handle call's exception for ``err``: TimeoutError for the deadline, else ValueError."""
+    return (TimeoutError if err.status == 504 else ValueError)(err.message)
+
+
 def _not_started(err: Exception) -> bool:
     """The replica failed before this request started on it (its engine could not be
     restarted, or the replica itself is gone): safe to try another replica, since a
@@ -192,15 +197,25 @@ class Router:
         sampling = body.sampling(self.args.default_max_tokens, max_tokens)
         return {"sampling": sampling, "max_tokens_is_default": max_tokens is None}
 
-    def _admit(self) -> None:
-        if self.metrics.in_flight >= self.capacity:
+    def _admit(self, n: int = 1) -> None:
+        """Admit ``n`` generations as a whole, or none (503)."""
+        if self.metrics.in_flight + n > self.capacity:
             raise APIError(503, f"server busy: {self.metrics.in_flight} requests in flight (limit {self.capacity}: "
                                 f"{self.args.max_replicas} replicas + {self.args.max_queued_requests} queued); retry later",
                            code="overloaded", type_="server_error")
-        self.metrics.in_flight += 1
+        self.metrics.in_flight += n
 
-    def _release(self) -> None:
-        self.metrics.in_flight -= 1
+    def _release(self, n: int = 1) -> None:
+        self.metrics.in_flight -= n
+
+    def _deadline(self) -> float | None:
+        """The loop time by which a request arriving now must be done (request_timeout_s)."""
+        timeout = self.args.request_timeout_s
+        return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+    def _timed_out(self) -> APIError:
+        return APIError(504, f"the request did not finish within {self.args.request_timeout_s:g} s (app argument "
+                             "request_timeout_s); its generation was stopped", code="timeout", type_="server_error")
 
     async def _route(self, route: str, request: Request, fn, prefix: str = "req"):
         """Run ``fn(request_id)``: its response, or the error response; 500s say only the
@@ -242,13 +257,42 @@ class Router:
 
     async def _generate(self, request: dict) -> dict:
         """One unary generation on a free replica; raises APIError on user errors."""
-        request = self._checked(request)
-        self._admit()
-        t0 = time.perf_counter()
+        return (await self._generate_all([request]))[0]
+
+    async def _generate_all(self, requests: list[dict]) -> list[dict]:
+        """Unary generations, admitted as a whole or not at all, run on free replicas at
+        once. The first failure (a user error in one of them, a server fault) and a
+        cancellation (the client went away) cancel the others at once: their replicas
+        stop after the current decode step."""
+        requests = [self._checked(r) for r in requests]
+        deadline = self._deadline()
+        self._admit(len(requests))
+        tasks = [asyncio.ensure_future(self._generate_one(r)) for r in requests]
         try:
-            out = await self._until_started(request, lambda: self.replica.generate.remote(request))
+            async with asyncio.timeout_at(deadline) as timeout:
+                return await asyncio.gather(*tasks)
+        except TimeoutError:
+            if timeout.expired():
+                raise self._timed_out() from None
+            raise
         finally:
-            self._release()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._release(len(requests))
+
+    async def _generate_one(self, request: dict) -> dict:
+        t0 = time.perf_counter()
+
+        async def start():
+            response = self.replica.generate.remote(request)
+            try:
+                return await response
+            except asyncio.CancelledError:
+                response.cancel()  # awaiting a response does not cancel it by itself
+                raise
+
+        out = await self._until_started(request, start)
         if "error" in out:
             raise APIError(400, out["error"])
         e2e = time.perf_counter() - t0
@@ -258,9 +302,11 @@ class Router:
         return out
 
     async def _open_stream(self, request: dict):
-        """Start a streaming generation; returns (first chunk, generator, t0). User errors
-        surface here, before any response header is sent, as a proper 400."""
+        """Start a streaming generation; returns (first chunk, generator, t0, deadline).
+        User errors surface here, before any response header is sent, as a proper 400
+        (the deadline, as a 504)."""
         request = self._checked(request)
+        deadline = self._deadline()
         self._admit()
         t0 = time.perf_counter()
 
@@ -273,18 +319,22 @@ class Router:
                 raise
 
         try:
-            first, gen = await self._until_started(request, start)
-        except BaseException:
+            async with asyncio.timeout_at(deadline) as timeout:
+                first, gen = await self._until_started(request, start)
+        except BaseException as err:
             self._release()
+            if isinstance(err, TimeoutError) and timeout.expired():
+                raise self._timed_out() from None
             raise
         if "error" in first:
             self._release()
             raise APIError(400, first["error"])
-        return first, gen, t0
+        return first, gen, t0, deadline
 
-    async def _chunks(self, first, gen, t0):
-        """All chunks of an open stream; records metrics; on early exit (client gone)
-        cancels the replica's generation, which stops within one decode step."""
+    async def _chunks(self, first, gen, t0, deadline):
+        """All chunks of an open stream; records metrics; on early exit (client gone,
+        deadline passed: APIError 504) cancels the replica's generation, which stops
+        within one decode step."""
         n_tokens, done, last = 0, False, first
         ttft = time.perf_counter() - t0
         try:
@@ -296,9 +346,14 @@ class Router:
                 if chunk["finish_reason"]:
                     break
                 try:
-                    chunk = await gen.__anext__()
+                    async with asyncio.timeout_at(deadline) as timeout:
+                        chunk = await gen.__anext__()
                 except StopAsyncIteration:
                     break
+                except TimeoutError:
+                    if timeout.expired():
+                        raise self._timed_out() from None
+                    raise
             done = True
         finally:
             if not done:
@@ -310,7 +365,22 @@ class Router:
     # ------------------------------------------------------------------ HTTP
     @app.get("/health")
     async def health(self):
+        """200 while Serve counts this app's replicas healthy (or scaling), else 503
+        saying why: an engine that stalled takes its replica out (deployments.replica),
+        until Serve's replacement serves."""
+        problem = await asyncio.to_thread(self._replicas_problem)
+        if problem:
+            return _error_response(APIError(503, problem, code="unhealthy", type_="server_error"))
         return {"status": "ok"}
+
+    def _replicas_problem(self) -> str | None:
+        app_status = serve.status().applications.get(self.replica.app_name)
+        status = app_status and app_status.deployments.get(self.replica.deployment_name)
+        if status is None:
+            return "the replicas are not deployed"
+        if status.status in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
+            return None
+        return f"replicas {status.status.value}: {status.message}".rstrip(": ")
 
     @app.get("/metrics")
     async def metrics_route(self, request: Request):
@@ -340,7 +410,13 @@ class Router:
                 if len(prompts) != 1:
                     raise APIError(400, "streaming takes one prompt per request", "prompt")
                 return await self._stream_response("completion", rid, {"prompt": prompts[0], **common}, body)
-            outs = await asyncio.gather(*(self._generate({"prompt": p, **common}) for p in prompts))
+            limit = min(self.args.max_prompts_per_request, self.capacity)
+            if len(prompts) > limit:
+                raise APIError(400, f"the request has {len(prompts)} prompts; this server takes at most {limit} per "
+                                    "request (app arguments max_prompts_per_request, and replicas + "
+                                    "max_queued_requests): send them in several requests", "prompt",
+                               code="too_many_prompts")
+            outs = await self._generate_all([{"prompt": p, **common} for p in prompts])
             return _JSON(completion_body(rid, model, outs))
         return await self._route("/v1/completions", request, fn, "cmpl")
 
@@ -359,15 +435,16 @@ class Router:
 
     async def _stream_response(self, kind: str, rid: str, request: dict, body) -> StreamingResponse:
         """Open the generation (user errors raise here, as a 400) and stream it as SSE."""
-        first, gen, t0 = await self._open_stream(request)
+        first, gen, t0, deadline = await self._open_stream(request)
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(self._sse_events(kind, rid, first, gen, t0, usage), media_type="text/event-stream")
+        return StreamingResponse(self._sse_events(kind, rid, first, gen, t0, deadline, usage),
+                                 media_type="text/event-stream")
 
-    async def _sse_events(self, kind: str, rid: str, first, gen, t0, include_usage: bool):
+    async def _sse_events(self, kind: str, rid: str, first, gen, t0, deadline, include_usage: bool):
         """OpenAI's chunk format for ``kind`` "completion" or "chat": text chunks, a final
         chunk with the finish reason, optionally a usage chunk, then [DONE]. A server
-        fault after the first chunk ends the stream with an error event in OpenAI's
-        error shape, then [DONE]."""
+        fault or the deadline after the first chunk ends the stream with an error event
+        in OpenAI's error shape, then [DONE]."""
         model, created, n, finish = self.model_name, int(time.time()), 0, None
         chat = kind == "chat"
 
@@ -383,12 +460,16 @@ class Router:
         if chat:
             yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
         try:
-            async for chunk in self._chunks(first, gen, t0):
+            async for chunk in self._chunks(first, gen, t0, deadline):
                 n += len(chunk["token_ids"])
                 finish = chunk["finish_reason"]
                 if chunk["text"] or chunk.get("logprobs"):
                     yield piece(chunk["text"], None, chunk.get("logprobs"))
                     offset += sum(len(e["token"]) for e in chunk.get("logprobs") or ())
+        except APIError as err:  # the deadline
+            yield _sse(err.body())
+            yield "data: [DONE]\n\n"
+            return
         except Exception:
             logger.exception("request %s failed after its first chunk", rid)
             self.metrics.stream_error()
@@ -423,13 +504,13 @@ class Router:
         try:
             return await self._generate({"prompt": prompt, "sampling": self._sampling_dict(sampling)})
         except APIError as err:
-            raise ValueError(err.message) from None
+            raise _handle_error(err) from None
 
     async def chat(self, messages: list[dict], sampling=None) -> dict:
         try:
             return await self._generate({"messages": self._messages(messages), "sampling": self._sampling_dict(sampling)})
         except APIError as err:
-            raise ValueError(err.message) from None
+            raise _handle_error(err) from None
 
     @staticmethod
     def _messages(messages) -> list[dict]:
@@ -452,11 +533,14 @@ class Router:
         try:
             if "messages" in request:
                 request = {**request, "messages": self._messages(request["messages"])}
-            first, gen, t0 = await self._open_stream(request)
+            first, gen, t0, deadline = await self._open_stream(request)
         except APIError as err:
-            raise ValueError(err.message) from None
-        async for chunk in self._chunks(first, gen, t0):
-            yield chunk
+            raise _handle_error(err) from None
+        try:
+            async for chunk in self._chunks(first, gen, t0, deadline):
+                yield chunk
+        except APIError as err:
+            raise _handle_error(err) from None
 
     async def info(self) -> dict:
         """Served model, arguments and a replica's info."""

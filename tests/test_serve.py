@@ -198,6 +198,80 @@ def test_overflow_gets_503_quickly(server):
     assert server["client"].post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
+def _engine_cpu_s() -> float:
+    import psutil
+
+    total = 0.0
+    for pid in engine_pids():
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _in_flight(client, prefix: str = "") -> float:
+    line = next(x for x in client.get(f"{prefix}/metrics").text.splitlines() if x.startswith("pace_requests_in_flight{"))
+    return float(line.split()[-1])
+
+
+def test_multi_prompt_request_refused_mid_way_stops_all_its_generations(server):
+    """Eight prompts of 500 tokens each (seconds of work for the 2 replicas), the first
+    refused by its engine (prompt + 500 tokens beyond the 512-token context): the
+    request is a 400, and the generations of the other prompts (running or queued) stop
+    at once: in-flight is 0 within a second, and the engines compute nothing more."""
+    c = server["client"]
+    body = {"prompt": [[5] * 200] + [[6 + i] for i in range(7)], "max_tokens": 500, "ignore_eos": True}
+    r = c.post("/v1/completions", json=body)
+    refused = time.monotonic()
+    cpu = _engine_cpu_s()
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
+    while _in_flight(c) and time.monotonic() < refused + 1:
+        time.sleep(0.05)
+    assert _in_flight(c) == 0
+    time.sleep(max(0.0, refused + 1.5 - time.monotonic()))
+    assert _engine_cpu_s() - cpu < 0.2  # a step of these tiny models takes milliseconds
+    assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_multi_prompt_requests_are_capped_and_admitted_whole(server):
+    """More prompts than max_prompts_per_request (8) is a 400 naming the argument; with
+    the engines stopped (SIGSTOP) under 4 requests, 4 of the 8 places (2 replicas + 6
+    queued) are taken: a request of 6 prompts is refused as a whole (503), at once."""
+    import signal
+
+    import httpx
+
+    c = server["client"]
+    r = c.post("/v1/completions", json={"prompt": ["x"] * 9, "max_tokens": 2})
+    assert r.status_code == 400 and "max_prompts_per_request" in r.json()["error"]["message"]
+    engines = engine_pids()
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=120) as ac:
+            for pid in engines:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                busy = [asyncio.create_task(ac.post("/v1/completions", json={"prompt": "x", "max_tokens": 8}))
+                        for _ in range(4)]
+                while _in_flight(c) < 4:
+                    await asyncio.sleep(0.05)
+                t0 = time.monotonic()
+                refused = await ac.post("/v1/completions", json={"prompt": ["y"] * 6, "max_tokens": 8})
+                assert time.monotonic() - t0 < 2 and _in_flight(c) == 4
+            finally:
+                for pid in engines:
+                    os.kill(pid, signal.SIGCONT)
+            return refused, await asyncio.gather(*busy)
+
+    refused, busy = asyncio.run(run())
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded", refused.text
+    assert [b.status_code for b in busy] == [200] * 4
+    ok = c.post("/v1/completions", json={"prompt": ["x", "y"], "max_tokens": 3})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
+
+
 BAD_BODIES = [
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),

@@ -1,0 +1,124 @@
+"""Deadlines and the engine watchdog (issue 17), end to end over HTTP: a request past
+request_timeout_s ends with a 504 (an SSE error event once streaming began) and its
+replica serves the next one; an engine that stops progressing (SIGSTOP) fails its
+request within engine_step_timeout_s, /health fails, and Serve replaces the replica."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+
+from helpers import wait_for
+
+pytestmark = pytest.mark.slow
+
+STEP_TIMEOUT_S = 2.0
+REQUEST_TIMEOUT_S = 1.0
+HEALTH_CHECK_PERIOD_S = 5  # LLMReplica's health_check_period_s: how late Serve may notice an exited replica
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pair):
+    import httpx
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    os.environ["PACE_PIN"] = "0"
+    target, draft = tiny_pair
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="pace-watchdog-test")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"target": target, "draft": draft, "num_speculative_tokens": 3, "dtype": "float32", "num_replicas": 1}
+    serve.run(build_app({**common, "engine_step_timeout_s": STEP_TIMEOUT_S, "served_model_name": "stall"}),
+              name="stall", route_prefix="/stall")
+    serve.run(build_app({**common, "request_timeout_s": REQUEST_TIMEOUT_S, "served_model_name": "timed"}),
+              name="timed", route_prefix="/timed")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    try:
+        yield client
+    finally:
+        client.close()
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.pop("PACE_PIN", None)
+
+
+def _replica_info(app: str) -> dict:
+    from ray import serve
+
+    return serve.get_app_handle(app).info.remote().result(timeout_s=60)["replica"]
+
+
+def _events(response) -> list:
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+            for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_request_timeout_ends_the_request_and_its_replica_serves_the_next(server):
+    c = server
+    engine = _replica_info("timed")["pid"]
+    body = {"prompt": "x", "max_tokens": 8}
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = c.post("/timed/v1/completions", json=body)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+    assert "request_timeout_s" in r.json()["error"]["message"]
+    assert REQUEST_TIMEOUT_S <= took < REQUEST_TIMEOUT_S + 1.5, took
+    assert c.post("/timed/v1/completions", json=body).status_code == 200
+
+    # streamed: stopped after its first chunk, it ends with a timeout error event, then [DONE]
+    with c.stream("POST", "/timed/v1/completions", json={**body, "max_tokens": 480, "ignore_eos": True,
+                                                          "stream": True}) as r:
+        events = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+                if len(events) == 1:
+                    os.kill(engine, signal.SIGSTOP)
+    os.kill(engine, signal.SIGCONT)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "timeout", events[-3:]
+    after = _replica_info("timed")
+    assert after["pid"] == engine and after["last_request"]["tokens"] < 480  # the same engine, stopped early
+    assert c.post("/timed/v1/completions", json=body).status_code == 200
+
+
+def test_stalled_engine_fails_its_request_and_health_and_the_replica_is_replaced(server):
+    c = server
+    before = _replica_info("stall")
+    assert c.get("/stall/health").status_code == 200
+    body = {"prompt": "x", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    with c.stream("POST", "/stall/v1/completions", json=body) as r:
+        events = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+                if len(events) == 1:
+                    os.kill(before["pid"], signal.SIGSTOP)
+                    t_stop = time.monotonic()
+    ended = time.monotonic() - t_stop
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "internal_error", events[-3:]
+    assert STEP_TIMEOUT_S <= ended < STEP_TIMEOUT_S + 2, ended
+    unhealthy = wait_for(lambda: c.get("/stall/health").status_code == 503, STEP_TIMEOUT_S + HEALTH_CHECK_PERIOD_S + 5,
+                         "/health to fail", interval=0.2)
+    failed_after = time.monotonic() - t_stop
+    print(f"\nstream ended {ended:.1f}s after the stop; /health failed {failed_after:.1f}s after it")
+    assert unhealthy and failed_after < STEP_TIMEOUT_S + HEALTH_CHECK_PERIOD_S + 3
+    proc = psutil.Process(before["pid"]) if psutil.pid_exists(before["pid"]) else None
+    assert proc is None or proc.status() == psutil.STATUS_ZOMBIE  # the stopped engine was killed
+    wait_for(lambda: c.get("/stall/health").status_code == 200, 120, "the replacement replica")
+    r = c.post("/stall/v1/completions", json={"prompt": "x", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert _replica_info("stall")["replica_pid"] != before["replica_pid"]
