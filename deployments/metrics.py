@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ACCEPTED_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)  # draft tokens; K is at most 32
 
 
 class Metrics:
@@ -14,15 +15,13 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.in_flight = 0
         self.running_capacity = 1
-        self._steps = 0
-        self._tokens = 0
         r, m = self.registry, ["model"]
 
         def counter(name, help_, labels=()):
             return Counter(name, help_, m + list(labels), registry=r)
 
-        def histogram(name, help_):
-            return Histogram(name, help_, m, buckets=LATENCY_BUCKETS, registry=r).labels(model_name)
+        def histogram(name, help_, buckets=LATENCY_BUCKETS):
+            return Histogram(name, help_, m, buckets=buckets, registry=r).labels(model_name)
 
         def gauge(name, help_, fn):
             Gauge(name, help_, m, registry=r).labels(model_name).set_function(fn)
@@ -32,13 +31,17 @@ class Metrics:
         self._generated = counter("pace_generation_tokens", "Tokens generated.").labels(model_name)
         self._prompt = counter("pace_prompt_tokens", "Prompt tokens processed.").labels(model_name)
         self._decode_steps = counter("pace_decode_steps", "Decode steps (one target forward each).").labels(model_name)
+        self._proposed = counter("pace_draft_tokens_proposed", "Draft tokens proposed to the target.").labels(model_name)
+        self._bonus = counter("pace_bonus_tokens", "Bonus tokens: the target's own token after a step that accepted "
+                                                   "every proposal (not counted as accepted).").labels(model_name)
         self._stream_errors = counter("pace_stream_errors", "Streams ended by a server fault after their first "
                                                             "chunk (an SSE error event).").labels(model_name)
         self.ttft = histogram("pace_time_to_first_token_seconds", "Time to first token.")
-        self.itl = histogram("pace_inter_token_latency_seconds", "Inter-token latency (per request mean, per token).")
+        self.itl = histogram("pace_inter_token_latency_seconds", "Time from each token to the next, per token (the "
+                                                                 "tokens of one decode step come out together: 0).")
         self.e2e = histogram("pace_e2e_request_latency_seconds", "End-to-end request latency.")
-        gauge("pace_mean_accepted_tokens_per_step", "Mean tokens emitted per decode step (accepted drafts + 1), "
-              "since start.", lambda: self._tokens / self._steps if self._steps else 0.0)
+        self.accepted = histogram("pace_accepted_draft_tokens_per_step", "Draft tokens the target accepted, per "
+                                  "speculative decode step (the correction or bonus token apart).", ACCEPTED_BUCKETS)
         gauge("pace_requests_in_flight", "Requests being generated or waiting.", lambda: self.in_flight)
         gauge("pace_queue_depth", "Requests waiting for a free replica.", lambda: self.queue_depth)
 
@@ -50,18 +53,29 @@ class Metrics:
 
     def generation_done(self, prompt_tokens: int, tokens: int, stats: dict | None, ttft: float | None,
                         e2e: float) -> None:
+        """One generation's counts; ``stats`` (the engine's, on a finished generation's
+        last chunk) gives the per-step acceptance and the per-token ITL."""
+        stats = stats or {}
         self._prompt.inc(prompt_tokens)
         self._generated.inc(tokens)
-        self._tokens += tokens
-        steps = (stats or {}).get("steps", 0)
-        self._decode_steps.inc(steps)
-        self._steps += steps
+        self._decode_steps.inc(stats.get("steps", 0))
+        per_step = zip(stats.get("drafts_proposed_per_step", ()), stats.get("drafts_accepted_per_step", ()))
+        for proposed, accepted in per_step:
+            if proposed:
+                self.accepted.observe(accepted)
+                self._proposed.inc(proposed)
+                if accepted == proposed:
+                    self._bonus.inc()
         if ttft is not None:
             self.ttft.observe(ttft)
-            if tokens > 1:
-                per_token = (e2e - ttft) / (tokens - 1)
-                for _ in range(tokens - 1):
-                    self.itl.observe(per_token)
+        emitted, previous = 0, 0.0
+        for end, n in zip(stats.get("step_end_s", ()), stats.get("tokens_per_step", ())):
+            for i in range(n):
+                if emitted:
+                    self.itl.observe(end - previous if i == 0 else 0.0)
+                emitted += 1
+            if n:
+                previous = end
         self.e2e.observe(e2e)
 
     @property

@@ -393,7 +393,8 @@ class Router:
             info = await self._info()
             return _JSON({"object": "list", "data": [{
                 "id": self.model_name, "object": "model", "created": int(time.time()), "owned_by": "pace-serve",
-                "max_model_len": info.get("max_context"), "root": info.get("target"), "draft": info.get("draft"),
+                "max_model_len": info.get("max_context"), "root": self.model_name,  # no server paths
+                "speculative_decoding": "pard" if info.get("draft") else None,
                 "num_speculative_tokens": info.get("num_speculative_tokens")}]})
         return await self._route("/v1/models", request, fn)
 

@@ -38,6 +38,9 @@ class RequestError(ValueError):
 class GenerationStats:
     steps: int = 0
     tokens_per_step: list[int] = field(default_factory=list)  # tokens emitted per step (incl. correction)
+    drafts_proposed_per_step: list[int] = field(default_factory=list)  # draft tokens proposed (K of the step; 0: plain)
+    drafts_accepted_per_step: list[int] = field(default_factory=list)  # of those, accepted by the target (bonus apart)
+    step_end_s: list[float] = field(default_factory=list)  # when each step's tokens were out, since the start
     draft_time_s: float = 0.0
     target_time_s: float = 0.0
     time_to_first_token_s: float = 0.0
@@ -59,6 +62,9 @@ class GenerationStats:
         return {
             "steps": self.steps,
             "tokens_per_step": list(self.tokens_per_step),
+            "drafts_proposed_per_step": list(self.drafts_proposed_per_step),
+            "drafts_accepted_per_step": list(self.drafts_accepted_per_step),
+            "step_end_s": list(self.step_end_s),
             "mean_accepted_length": self.mean_accepted_length,
             "draft_time_s": self.draft_time_s,
             "target_time_s": self.target_time_s,
@@ -274,9 +280,12 @@ class LLMModel:
                     delta = out.add(step.tokens)
                     stats.steps += 1
                     stats.tokens_per_step.append(len(delta.token_ids))
+                    stats.drafts_proposed_per_step.append(step.num_proposed)
+                    stats.drafts_accepted_per_step.append(len(step.tokens) - 1)  # the last is the correction or bonus
                     stats.draft_time_s += step.draft_s
                     stats.target_time_s += step.target_s
                     stats.total_time_s = time.perf_counter() - t0
+                    stats.step_end_s.append(stats.total_time_s)
                     if stats.steps == 1:
                         stats.time_to_first_token_s = stats.total_time_s
                     if delta.token_ids or delta.text or delta.finish_reason:

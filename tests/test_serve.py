@@ -98,10 +98,11 @@ def test_models_health_metrics(server):
     assert c.get("/health").json() == {"status": "ok"}
     models = c.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "pace-demo"
-    assert models["data"][0]["max_model_len"] == 512
+    assert models["data"][0]["max_model_len"] == 512 and models["data"][0]["speculative_decoding"] == "pard"
+    assert "/" not in json.dumps(models)  # no server paths
     metrics = c.get("/metrics").text
     for name in ("pace_requests_total", "pace_time_to_first_token_seconds_bucket", "pace_inter_token_latency_seconds",
-                 "pace_generation_tokens_total", "pace_mean_accepted_tokens_per_step", "pace_queue_depth"):
+                 "pace_generation_tokens_total", "pace_accepted_draft_tokens_per_step_bucket", "pace_queue_depth"):
         assert name in metrics
 
 
@@ -635,6 +636,34 @@ def test_serve_run_serve_config_yaml():
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
 
 
+def test_metrics_acceptance_per_step_bonus_apart_and_itl_per_token(engine):
+    """From a real generation's stats: one acceptance observation per speculative step
+    (accepted drafts only: every step adds one correction or bonus token), a bonus for
+    each step that kept all its proposals, and one ITL observation per token after the
+    first, summing to the time from the first step's end to the last's."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from deployments.metrics import Metrics
+    from pace_core import SamplingConfig
+
+    out = engine.generate("def f(x):", SamplingConfig(max_new_tokens=40, ignore_eos=True))
+    stats = out.stats.to_dict()
+    assert len(stats["drafts_proposed_per_step"]) == len(stats["drafts_accepted_per_step"]) == stats["steps"]
+    assert sum(stats["drafts_accepted_per_step"]) + stats["steps"] == len(out.token_ids)  # max_new_tokens is never overshot
+    metrics = Metrics("m")
+    metrics.generation_done(3, len(out.token_ids), stats, 0.01, 0.5)
+    samples = {s.name: s.value for f in text_string_to_metric_families(metrics.render()[0].decode())
+               for s in f.samples if s.labels.get("le") is None}
+    speculative = [(p, a) for p, a in zip(stats["drafts_proposed_per_step"], stats["drafts_accepted_per_step"]) if p]
+    assert speculative and samples["pace_accepted_draft_tokens_per_step_count"] == len(speculative)
+    assert samples["pace_accepted_draft_tokens_per_step_sum"] == sum(a for _, a in speculative)
+    assert samples["pace_bonus_tokens_total"] == sum(1 for p, a in speculative if a == p)
+    assert samples["pace_draft_tokens_proposed_total"] == sum(p for p, _ in speculative)
+    assert samples["pace_inter_token_latency_seconds_count"] == len(out.token_ids) - 1
+    ends = stats["step_end_s"]
+    assert samples["pace_inter_token_latency_seconds_sum"] == pytest.approx(ends[-1] - ends[0])
+
+
 def test_stream_interval_coalesces_ready_chunks_until_the_deadline():
     """The replica's streaming send: every engine message already there goes as one;
     with a stream interval it also waits for more until the deadline, but never past
@@ -889,8 +918,9 @@ def test_metrics_parse_as_prometheus_text_and_openmetrics(server):
             assert fams[name].type == "histogram"
             count = [s for s in fams[name].samples if s.name == name + "_count"]
             assert count and count[0].value >= 1
-        for name in ("pace_requests_in_flight", "pace_queue_depth", "pace_mean_accepted_tokens_per_step"):
+        for name in ("pace_requests_in_flight", "pace_queue_depth"):
             assert fams[name].type == "gauge"
+        assert fams["pace_accepted_draft_tokens_per_step"].type == "histogram"
         assert fams["pace_generation_tokens"].samples[0].value >= 3
 
 
