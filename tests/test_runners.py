@@ -182,3 +182,26 @@ def test_few_rows_attention_matches_sdpa_and_is_row_independent():
         for i in range(n):
             one = torch.ops.pace_core.attention(q[:, :, i : i + 1], k_cache, v_cache, start + i, D ** -0.5)
             assert torch.equal(one, out[:, :, i : i + 1])
+
+
+def test_few_rows_kernels_on_the_avx2_path_too():
+    """The AVX2 path of the few-rows kernels (what an AVX2-only EPYC runs) passes the
+    same checks, forced with PACE_KERNEL_ISA=avx2 on an AVX-512 CPU."""
+    import os
+    import subprocess
+    import sys
+
+    _native_or_skip()
+    if os.environ.get("PACE_KERNEL_ISA") == "avx2":
+        pytest.skip("already on the AVX2 path")
+    if torch.ops.pace_core.few_rows_isa() != "avx512":
+        pytest.skip("this CPU runs the AVX2 path (or none) already")
+    env = {**os.environ, "PACE_KERNEL_ISA": "avx2"}
+    probe = subprocess.run([sys.executable, "-c", "import torch; from pace_core import native; native.load(); "
+                            "print(torch.ops.pace_core.few_rows_isa())"], env=env, capture_output=True, text=True)
+    assert probe.stdout.strip() == "avx2", probe.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "few_rows_linear or few_rows_attention or verify_logits or bit_identical"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout

@@ -20,7 +20,9 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 namespace {
 
@@ -223,7 +225,10 @@ struct Kernels {
 Kernels pick_kernels() {
   Kernels k;
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) {
+  // PACE_KERNEL_ISA=avx2 takes the AVX2 path on an AVX-512 CPU (tests run both)
+  const char* isa = std::getenv("PACE_KERNEL_ISA");
+  const bool allow_avx512 = !(isa && std::string(isa) == "avx2");
+  if (allow_avx512 && __builtin_cpu_supports("avx512f")) {
     Pass t[] = {{}, {rows_avx512<4, 1>, 4}, {rows_avx512<4, 2>, 4}, {rows_avx512<4, 3>, 4}, {rows_avx512<4, 4>, 4},
                 {rows_avx512<4, 5>, 4}, {rows_avx512<4, 6>, 4}, {rows_avx512<2, 7>, 2}, {rows_avx512<2, 8>, 2},
                 {rows_avx512<2, 9>, 2}, {rows_avx512<2, 10>, 2}, {rows_avx512<2, 11>, 2}, {rows_avx512<2, 12>, 2}};
@@ -324,4 +329,10 @@ at::Tensor few_rows_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
     }
   });
   return o;
+}
+
+// Which vector path runs: "avx512", "avx2" or "" (none: callers use torch's ops).
+std::string few_rows_isa() {
+  const Kernels& k = kernels();
+  return k.max_pass == 12 ? "avx512" : k.max_pass == 6 ? "avx2" : "";
 }

@@ -36,6 +36,7 @@ Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin) {
 bool few_rows_linear_supported();
 Tensor few_rows_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias);
 Tensor few_rows_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t start, double scaling);
+std::string few_rows_isa();
 
 // x @ weight^T + bias: the few-rows kernel for decode steps and verifies of float32
 // models (bit-identical whatever the row count), the library GEMM otherwise (prefill).
@@ -109,6 +110,7 @@ TORCH_LIBRARY(pace_core, m) {
       "int start, int num_heads, int num_kv_heads, int head_dim, float scaling, float eps) -> Tensor");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("few_rows_limit() -> int", &few_rows_limit);
+  m.def("few_rows_isa() -> str", &few_rows_isa);
   m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, int start, float scaling) -> Tensor");
 }
 
