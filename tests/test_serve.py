@@ -625,6 +625,12 @@ def test_serve_run_serve_config_yaml():
         bad = httpx.post("http://127.0.0.1:8000/v1/completions", json={"model": "pace-demo", "max_tokens": 4}, timeout=30)
         assert bad.status_code == 400 and "prompt" in bad.json()["error"]["message"]
         assert 'route="/v1/completions",status="200"' in httpx.get("http://127.0.0.1:8000/metrics", timeout=30).text
+        # the README's Security notes: the API and Ray's dashboard on loopback only
+        import psutil
+
+        listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet") if c.status == "LISTEN"}
+        assert {ip for ip, port in listening if port == 8000} == {"127.0.0.1"}, listening
+        assert {ip for ip, port in listening if port == 8265} <= {"127.0.0.1"}, listening
     finally:
         import signal
 
