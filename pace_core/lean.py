@@ -194,7 +194,7 @@ class LeanRunner:
         """Causal attention of the new queries q (1, H, n, D) over the cache, which holds
         them at start..start+n-1 (query i sees keys 0..start+i); as csrc/llama_layers.cpp."""
         n = q.shape[2]
-        if n <= self.few_rows:
+        if n <= self.few_rows and q.dtype == torch.float32:
             return torch.ops.pace_core.attention(q, k_cache, v_cache, start, self.scaling)
         end = start + n
         mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start) if n > 1 else None

@@ -54,20 +54,11 @@ namespace {
 
 // Causal attention of the n new queries over [cache + new] (query i sees keys
 // 0..start+i): the few-rows kernel for decode steps and verifies of float32 models
-// (each query row computed alone: a verify's rows equal one-token steps'), one SDPA
-// call per query for other dtypes, SDPA with a causal mask beyond kFewRows tokens.
+// (each query row computed alone: a verify's rows equal one-token steps'), SDPA otherwise.
 Tensor attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t start, double scaling) {
   const int64_t n = q.size(2), end = start + n, H = q.size(1), KV = k_cache.size(0);
   if (n <= kFewRows && q.scalar_type() == at::kFloat && few_rows_linear_supported())
     return few_rows_attention(q, k_cache, v_cache, start, scaling);
-  if (n <= kFewRows) {  // other dtypes: one query at a time (CPU SDPA with a mask is slow here)
-    std::vector<Tensor> rows;
-    for (int64_t i = 0; i < n; ++i)
-      rows.push_back(at::scaled_dot_product_attention(q.slice(2, i, i + 1), k_cache.slice(1, 0, start + i + 1).unsqueeze(0),
-                                                      v_cache.slice(1, 0, start + i + 1).unsqueeze(0), std::nullopt, 0.0,
-                                                      false, scaling, H != KV));
-    return at::cat(rows, 2);
-  }
   std::optional<Tensor> mask;
   if (n > 1) mask = at::ones({n, end}, at::kBool).tril(start);
   return at::scaled_dot_product_attention(q, k_cache.slice(1, 0, end).unsqueeze(0), v_cache.slice(1, 0, end).unsqueeze(0),
