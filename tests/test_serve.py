@@ -417,6 +417,36 @@ def test_client_disconnect_stops_generation_within_a_step(server):
     assert 2 <= cancelled < 120, cancelled  # stopped long before its 480 tokens
 
 
+def test_unary_client_disconnect_stops_its_generation(server):
+    """The 1-replica app, its engine stopped (SIGSTOP): a unary 480-token request whose
+    client gives up after 0.5 s is cancelled all the way to the engine, which (resumed)
+    stops after its first step instead of generating the 480 tokens."""
+    import signal
+
+    import httpx
+    from ray import serve
+
+    c = server["client"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    one = serve.get_app_handle("one")
+    before = one.info.remote().result(timeout_s=60)["replica"]
+    engine = before["pid"]
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            c.post("/one/v1/completions", json={"prompt": "x", "max_tokens": 480, "ignore_eos": True},
+                   headers=headers, timeout=0.5)
+        time.sleep(0.5)  # the cancellation reaches the replica, which sends the engine its stop
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    r = c.post("/one/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=headers)
+    assert r.status_code == 200
+    after = one.info.remote().result(timeout_s=60)["replica"]
+    assert after["pid"] == engine and after["last_request"]["tokens"] == 2
+    cancelled = after["tokens_generated"] - before["tokens_generated"] - 2
+    assert 0 <= cancelled < 20, cancelled  # its first step or so, not 480 tokens
+
+
 def test_replicas_run_serve_on_one_loop_and_the_engine_at_normal_priority(server):
     """build_app sets Serve's one-event-loop flags on both deployments' processes
     (deployments.REPLICA_ENV); the engine leaves Ray's worker niceness when it may."""
