@@ -79,6 +79,16 @@ def test_request_timeout_ends_the_request_and_its_replica_serves_the_next(server
     assert REQUEST_TIMEOUT_S <= took < REQUEST_TIMEOUT_S + 1.5, took
     assert c.post("/timed/v1/completions", json=body).status_code == 200
 
+    # a handle call: TimeoutError naming the argument
+    from ray import serve
+
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        with pytest.raises(TimeoutError, match="request_timeout_s"):
+            serve.get_app_handle("timed").generate.remote("x", {"max_new_tokens": 8}).result(timeout_s=30)
+    finally:
+        os.kill(engine, signal.SIGCONT)
+
     # streamed: stopped after its first chunk, it ends with a timeout error event, then [DONE]
     with c.stream("POST", "/timed/v1/completions", json={**body, "max_tokens": 480, "ignore_eos": True,
                                                           "stream": True}) as r:
