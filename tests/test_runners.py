@@ -126,7 +126,8 @@ def _native_or_skip():
 def test_few_rows_linear_is_the_same_whatever_the_row_count(n_out, k_in):
     """The few-rows kernel computes each output element the same way for 1..64 rows, so
     a (K+1)-token verify gives bit-identical results to K+1 one-token steps; and it
-    agrees with torch's linear up to float rounding (odd sizes exercise every tail)."""
+    agrees with torch's linear up to float rounding (odd sizes exercise every tail),
+    for float32 and bfloat16."""
     _native_or_skip()
     gen = torch.Generator().manual_seed(n_out)
     w, b = torch.randn(n_out, k_in, generator=gen), torch.randn(n_out, generator=gen)
@@ -136,6 +137,13 @@ def test_few_rows_linear_is_the_same_whatever_the_row_count(n_out, k_in):
         assert torch.equal(torch.ops.pace_core.linear(x[:rows], w, b), one_by_one[:rows])
     torch.testing.assert_close(one_by_one, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4)
     assert torch.equal(torch.ops.pace_core.linear(x[:3], w, None) + b, torch.ops.pace_core.linear(x[:3], w, b))
+    # bfloat16 weights and inputs: widened exactly, summed in float32, rounded once
+    wb, bb, xb = w.bfloat16(), b.bfloat16(), x.bfloat16()
+    one_by_one = torch.cat([torch.ops.pace_core.linear(xb[i : i + 1], wb, bb) for i in range(40)])
+    assert one_by_one.dtype == torch.bfloat16
+    assert torch.equal(torch.ops.pace_core.linear(xb[:13], wb, bb), one_by_one[:13])
+    exact = torch.nn.functional.linear(xb.float(), wb.float(), bb.float())
+    torch.testing.assert_close(one_by_one.float(), exact, atol=1e-2, rtol=8e-3)  # one bf16 rounding
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

@@ -20,7 +20,9 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
 
@@ -39,6 +41,9 @@ struct Avx512 {
   static constexpr int kLanes = 16, kMaxAcc = 24;  // of 32 registers: + NB weights + 1 input
   static PACE_AVX512 Vec zero() { return _mm512_setzero_ps(); }
   static PACE_AVX512 Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static PACE_AVX512 Vec load(const uint16_t* p) {  // 16 bfloat16 -> float32 (exact)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
   static PACE_AVX512 Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static PACE_AVX512 Vec set1(float a) { return _mm512_set1_ps(a); }
   static PACE_AVX512 void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
@@ -63,6 +68,9 @@ struct Avx2 {
   static constexpr int kLanes = 8, kMaxAcc = 12;  // of 16 registers
   static PACE_AVX2 Vec zero() { return _mm256_setzero_ps(); }
   static PACE_AVX2 Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static PACE_AVX2 Vec load(const uint16_t* p) {  // 8 bfloat16 -> float32 (exact)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
   static PACE_AVX2 Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static PACE_AVX2 Vec set1(float a) { return _mm256_set1_ps(a); }
   static PACE_AVX2 void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
@@ -89,9 +97,18 @@ struct Avx2 {
 #endif
 constexpr int kPrefetchBlocks = PACE_PREFETCH_BLOCKS;
 
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) {  // bfloat16 bits -> float32
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 // y[m * ldy + n] for m < MB, n < NB, from input rows x + m*K and weight rows w + n*K
-template <class V, int NB, int MB>
-inline void block(const float* x, const float* w, int64_t K, float* y, int64_t ldy) {
+// (T: float, or uint16_t for bfloat16 weights, widened exactly to float32 in registers)
+template <class V, class T, int NB, int MB>
+inline void block(const float* x, const T* w, int64_t K, float* y, int64_t ldy) {
   typename V::Vec acc[NB][MB];
   for (int n = 0; n < NB; ++n)
     for (int m = 0; m < MB; ++m) acc[n][m] = V::zero();
@@ -110,23 +127,23 @@ inline void block(const float* x, const float* w, int64_t K, float* y, int64_t l
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < NB; ++n) {
       float s = V::sum(acc[n][m]);
-      for (int64_t t = k; t < K; ++t) s = std::fma(w[n * K + t], x[m * K + t], s);
+      for (int64_t t = k; t < K; ++t) s = std::fma(to_float(w[n * K + t]), x[m * K + t], s);
       y[m * ldy + n] = s;
     }
 }
 
 // Weight rows [first, last) in blocks of NB (last - first divisible by NB), input rows
 // in one pass of MB.
-template <int NB, int MB>
-__attribute__((target("avx512f"), flatten)) void rows_avx512(const float* x, const float* w, int64_t K, float* y, int64_t ldy,
+template <class T, int NB, int MB>
+__attribute__((target("avx512f"), flatten)) void rows_avx512(const float* x, const void* w, int64_t K, float* y, int64_t ldy,
                                                     int64_t first, int64_t last) {
-  for (int64_t n = first; n < last; n += NB) block<Avx512, NB, MB>(x, w + n * K, K, y + n, ldy);
+  for (int64_t n = first; n < last; n += NB) block<Avx512, T, NB, MB>(x, static_cast<const T*>(w) + n * K, K, y + n, ldy);
 }
 
-template <int NB, int MB>
-__attribute__((target("avx2,fma"), flatten)) void rows_avx2(const float* x, const float* w, int64_t K, float* y, int64_t ldy,
+template <class T, int NB, int MB>
+__attribute__((target("avx2,fma"), flatten)) void rows_avx2(const float* x, const void* w, int64_t K, float* y, int64_t ldy,
                                                    int64_t first, int64_t last) {
-  for (int64_t n = first; n < last; n += NB) block<Avx2, NB, MB>(x, w + n * K, K, y + n, ldy);
+  for (int64_t n = first; n < last; n += NB) block<Avx2, T, NB, MB>(x, static_cast<const T*>(w) + n * K, K, y + n, ldy);
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the max): Cephes' expf, ~1 ulp
@@ -205,7 +222,7 @@ __attribute__((target("avx2,fma"), flatten)) void attend_avx2(const float* q, co
   attend_row<Avx2>(q, k, v, L, D, scale, o, scores);
 }
 
-using RowsFn = void (*)(const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t);
+using RowsFn = void (*)(const float*, const void*, int64_t, float*, int64_t, int64_t, int64_t);
 
 struct Pass {
   RowsFn fn = nullptr;
@@ -216,12 +233,29 @@ constexpr int kMaxPass = 12;  // input rows per pass (more rows: several passes)
 constexpr int64_t kChunkRows = 4;  // weight rows per chunk: a multiple of every NB
 
 struct Kernels {
-  Pass pass[kMaxPass + 1];  // by input rows in the pass (MB)
+  Pass pass[kMaxPass + 1];  // by input rows in the pass (MB): float32 weights
+  Pass pass_bf16[kMaxPass + 1];  // bfloat16 weights
   int max_pass = 0;
   AttendFn attend = nullptr;
 };
 
 // NB x MB blocks with at most V::kMaxAcc accumulators
+template <class T>
+void fill_avx512(Pass* t) {
+  Pass p[] = {{}, {rows_avx512<T, 4, 1>, 4}, {rows_avx512<T, 4, 2>, 4}, {rows_avx512<T, 4, 3>, 4},
+              {rows_avx512<T, 4, 4>, 4}, {rows_avx512<T, 4, 5>, 4}, {rows_avx512<T, 4, 6>, 4},
+              {rows_avx512<T, 2, 7>, 2}, {rows_avx512<T, 2, 8>, 2}, {rows_avx512<T, 2, 9>, 2},
+              {rows_avx512<T, 2, 10>, 2}, {rows_avx512<T, 2, 11>, 2}, {rows_avx512<T, 2, 12>, 2}};
+  std::copy(std::begin(p), std::end(p), t);
+}
+
+template <class T>
+void fill_avx2(Pass* t) {
+  Pass p[] = {{}, {rows_avx2<T, 4, 1>, 4}, {rows_avx2<T, 4, 2>, 4}, {rows_avx2<T, 4, 3>, 4},
+              {rows_avx2<T, 2, 4>, 2}, {rows_avx2<T, 2, 5>, 2}, {rows_avx2<T, 2, 6>, 2}};
+  std::copy(std::begin(p), std::end(p), t);
+}
+
 Kernels pick_kernels() {
   Kernels k;
   __builtin_cpu_init();
@@ -229,16 +263,13 @@ Kernels pick_kernels() {
   const char* isa = std::getenv("PACE_KERNEL_ISA");
   const bool allow_avx512 = !(isa && std::string(isa) == "avx2");
   if (allow_avx512 && __builtin_cpu_supports("avx512f")) {
-    Pass t[] = {{}, {rows_avx512<4, 1>, 4}, {rows_avx512<4, 2>, 4}, {rows_avx512<4, 3>, 4}, {rows_avx512<4, 4>, 4},
-                {rows_avx512<4, 5>, 4}, {rows_avx512<4, 6>, 4}, {rows_avx512<2, 7>, 2}, {rows_avx512<2, 8>, 2},
-                {rows_avx512<2, 9>, 2}, {rows_avx512<2, 10>, 2}, {rows_avx512<2, 11>, 2}, {rows_avx512<2, 12>, 2}};
-    std::copy(std::begin(t), std::end(t), k.pass);
+    fill_avx512<float>(k.pass);
+    fill_avx512<uint16_t>(k.pass_bf16);
     k.max_pass = 12;
     k.attend = attend_avx512;
   } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    Pass t[] = {{}, {rows_avx2<4, 1>, 4}, {rows_avx2<4, 2>, 4}, {rows_avx2<4, 3>, 4},
-                {rows_avx2<2, 4>, 2}, {rows_avx2<2, 5>, 2}, {rows_avx2<2, 6>, 2}};
-    std::copy(std::begin(t), std::end(t), k.pass);
+    fill_avx2<float>(k.pass);
+    fill_avx2<uint16_t>(k.pass_bf16);
     k.max_pass = 6;
     k.attend = attend_avx2;
   }
@@ -254,18 +285,22 @@ const Kernels& kernels() {
 
 bool few_rows_linear_supported() { return kernels().max_pass > 0; }
 
-// x (..., K) float32, weight (N, K) float32 with contiguous rows, bias (N) or none.
+// x (..., K), weight (N, K) with contiguous rows, bias (N) or none; float32, or bfloat16
+// (weights widened in registers, products summed in float32, the result rounded to
+// bfloat16 once, as oneDNN's bf16 GEMM does).
 at::Tensor few_rows_linear(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(few_rows_linear_supported(), "few_rows_linear needs AVX2+FMA or AVX-512");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "few_rows_linear: float32 only");
+  const bool bf16 = weight.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || bf16, "few_rows_linear: float32 or bfloat16 weights only");
+  TORCH_CHECK(x_in.scalar_type() == weight.scalar_type(), "few_rows_linear: x and the weight differ in dtype");
   const int64_t K = weight.size(1), N = weight.size(0);
   TORCH_CHECK(x_in.size(-1) == K, "few_rows_linear: x has ", x_in.size(-1), " features, the weight ", K);
   const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) == K ? weight : weight.contiguous();
-  const at::Tensor x = x_in.reshape({-1, K}).contiguous();
+  const at::Tensor x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
+  const void* wp = w.data_ptr();
   float* yp = y.data_ptr<float>();
   const Kernels& kern = kernels();
   // input rows in balanced passes of at most max_pass rows, all passes over one chunk of
@@ -278,7 +313,7 @@ at::Tensor few_rows_linear(const at::Tensor& x_in, const at::Tensor& weight, con
   const int64_t num_passes = (M + kern.max_pass - 1) / kern.max_pass;
   for (int64_t p = 0, m = 0; p < num_passes; ++p) {
     const int64_t mb = (M - m) / (num_passes - p);
-    passes.push_back({m, mb, &kern.pass[mb]});
+    passes.push_back({m, mb, bf16 ? &kern.pass_bf16[mb] : &kern.pass[mb]});
     m += mb;
   }
   const int64_t chunks = N / kChunkRows;
@@ -293,14 +328,14 @@ at::Tensor few_rows_linear(const at::Tensor& x_in, const at::Tensor& weight, con
     pad.slice(0, 0, rest).copy_(w.slice(0, N - rest));
     at::Tensor out = at::empty({M, kChunkRows}, x.options());
     for (const PassRows& p : passes)
-      p.pass->fn(xp + p.first * K, pad.data_ptr<float>(), K, out.data_ptr<float>() + p.first * kChunkRows, kChunkRows, 0,
+      p.pass->fn(xp + p.first * K, pad.data_ptr(), K, out.data_ptr<float>() + p.first * kChunkRows, kChunkRows, 0,
                  kChunkRows);
     y.slice(1, N - rest).copy_(out.slice(1, 0, rest));
   }
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
   shape.back() = N;
-  return y.view(shape);
+  return y.view(shape).to(x_in.scalar_type());
 }
 
 // Causal attention of n new queries q (1, H, n, D) over a KV cache (KV, capacity, D) that

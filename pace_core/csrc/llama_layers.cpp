@@ -38,12 +38,13 @@ Tensor few_rows_linear(const Tensor& x, const Tensor& weight, const std::optiona
 Tensor few_rows_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t start, double scaling);
 std::string few_rows_isa();
 
-// x @ weight^T + bias: the few-rows kernel for decode steps and verifies of float32
-// models (bit-identical whatever the row count), the library GEMM otherwise (prefill).
+// x @ weight^T + bias: the few-rows kernel for up to kFewRows rows of float32 or
+// bfloat16 (bit-identical whatever the row count), the library GEMM otherwise.
 Tensor pace_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   const int64_t rows = x.numel() / std::max<int64_t>(x.size(-1), 1);
-  if (rows <= kFewRows && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
-      few_rows_linear_supported())
+  const bool dtype_ok = x.scalar_type() == weight.scalar_type() &&
+                        (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
+  if (rows <= kFewRows && dtype_ok && few_rows_linear_supported())
     return few_rows_linear(x, weight, bias);
   return at::linear(x, weight, bias);
 }
