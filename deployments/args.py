@@ -43,6 +43,7 @@ class AppArgs(BaseModel):
     num_speculative_tokens: int = 8  # the cap when speculation_schedule is adaptive
     speculation_schedule: Literal["adaptive", "fixed"] = "adaptive"
     pard_token: int | None = None
+    draft_vocab_size: int | None = Field(None, ge=2)  # the draft proposes among the first N ids only
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"  # auto: as stored in the checkpoint
     tokenizer: str | None = None
     served_model_name: str = "pace-demo"

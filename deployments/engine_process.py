@@ -48,7 +48,8 @@ def load_model(args: dict, num_threads: int | None = None):
     if args.get("draft"):
         pard = PardSpecDecodeConfig(model_name_or_path=args["draft"], pard_token=args.get("pard_token"),
                                     num_speculative_tokens=args.get("num_speculative_tokens", 8),
-                                    speculation_schedule=args.get("speculation_schedule", "adaptive"))
+                                    speculation_schedule=args.get("speculation_schedule", "adaptive"),
+                                    draft_vocab_size=args.get("draft_vocab_size"))
     return LLMModel(args["target"], dtype=args.get("dtype", "auto"), pard_config=pard,
                     tokenizer_name_or_path=args.get("tokenizer"), num_threads=num_threads,
                     trust_remote_code=args.get("trust_remote_code", False),

@@ -439,3 +439,9 @@ def test_reduced_draft_vocabulary_keeps_the_output(tiny_pairs):
     assert out.token_ids == hf_greedy(model, ids, 30)[: len(out.token_ids)]
     with pytest.raises(ValueError, match="draft_vocab_size"):
         PardSpecDecodeConfig(model_name_or_path=draft, draft_vocab_size=1)
+    # the app argument of the same name reaches the replica's engine
+    from deployments.args import AppArgs
+    from deployments.engine_process import load_model
+
+    args = AppArgs(target=target, draft=draft, draft_vocab_size=100).model_dump()
+    assert load_model(args).draft.vocab_limit == 100
