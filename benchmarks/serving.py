@@ -251,7 +251,7 @@ def main(argv=None) -> int:
 
         target, draft = build_pair(tempfile.mkdtemp(prefix="pace-smoke-"), "qwen2")
         config["applications"][0]["args"].update(target=target, draft=draft, num_speculative_tokens=3, dtype="float32")
-        args.launch_replicas, args.concurrency, args.requests, args.max_tokens = "1", "1,2", 4, 8
+        args.launch_replicas, args.concurrency, args.requests, args.max_tokens = "1", "1,2", 4, 48
         args.in_process, args.prompts, args.pairs = True, None, 3
         args.url = "http://127.0.0.1:8765"
     args.app_args = config["applications"][0].get("args", {})

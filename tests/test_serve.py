@@ -632,8 +632,10 @@ def test_serve_run_serve_config_yaml():
     # the README's command: RAY_SERVE_PROXY_USE_GRPC=1 serve run serve_config.yaml
     from deployments import NODE_ENV
 
+    # a Ray of its own under a private temp dir: cleanup stops that Ray and no other
+    ray_tmp = tempfile.mkdtemp(prefix="ray-serve-run-")
     env = {**os.environ, "RAY_DASHBOARD_ENABLED": "0", "PACE_SLOT_DIR": tempfile.mkdtemp(prefix="pace-slots-"),
-           **NODE_ENV}
+           "RAY_TMPDIR": ray_tmp, **NODE_ENV}
     env.pop("PACE_PIN", None)
     proc = subprocess.Popen(["serve", "run", "serve_config.yaml"], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -672,7 +674,11 @@ def test_serve_run_serve_config_yaml():
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+        import psutil
+
+        for leftover in psutil.process_iter(["cmdline"]):  # only this test's Ray (never `ray stop`)
+            if any(ray_tmp in arg for arg in leftover.info["cmdline"] or ()):
+                leftover.kill()
 
 
 def test_metrics_acceptance_per_step_bonus_apart_and_itl_per_token(engine):
