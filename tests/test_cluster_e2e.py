@@ -59,7 +59,7 @@ def replica_infos(n_calls=8):
 def infos_of(n):
     def pred():
         i = replica_infos()
-        return i if len(i) == n else None
+        return i if len(i) == n and None not in i else None  # None: a replica whose engine is (re)starting
     return pred
 
 
@@ -97,7 +97,7 @@ def test_replicas_pinned_third_pending_killed_slot_reclaimed(serve_two_slots, ti
 
     def replaced():
         i = replica_infos()
-        return i if len(i) == 2 and victim_pid not in i else None
+        return i if len(i) == 2 and victim_pid not in i and None not in i else None  # None: engine (re)starting
 
     new = wait_for(replaced, 240, "a replacement on the freed slot", interval=1)
     (new_pid,) = set(new) - set(infos)
