@@ -1,18 +1,22 @@
-// y = x @ W^T + b for the few rows of a decode step or a speculative verify (1..64).
+// Few-rows kernels: y = x @ W^T + b, and causal attention, for the 1..64 tokens of a
+// decode step, a speculative verify or a chunk of a prompt.
 //
 // Decoding is memory-bound: every weight is read once per forward whatever the number
 // of rows. CPU GEMM libraries are tuned for many rows and, for 2..33 rows, repack or
-// re-read the weight and fall far behind the memory floor (a 9-row fp32 GEMM took
-// 3-4x a 1-row one). This kernel streams each weight row once and applies it to all
-// rows while it sits in L1/L2, so verifying K+1 tokens costs about one decode step.
+// re-read the weight and fall far behind the memory floor. The linear kernel streams
+// each block of weight rows once (prefetched a block ahead) and applies it to all rows
+// while it sits in L1/L2, so a verify costs far less than K+1 decode steps.
 //
-// Exactness: each output element is the same sequence of fp32 FMAs (16 lanes, each
-// summing k = lane mod 16 in order, then one fixed horizontal sum) whatever the number
-// of rows and whichever block computes it. A 9-token verify therefore gives
-// bit-identical results to nine 1-token forwards: speculation never changes a logit.
+// Exactness: each output element is the same sequence of fp32 FMAs (vector lanes, each
+// summing k = lane mod width in order, then one fixed horizontal sum) whatever the
+// number of rows and whichever block or thread computes it; attention computes each
+// query row alone. A 9-token verify therefore gives bit-identical results to nine
+// 1-token forwards: speculation never changes a logit.
 //
-// fp32 only, with AVX-512 or AVX2+FMA chosen at run time; other dtypes and CPUs use
-// at::linear (the caller checks few_rows_linear_supported).
+// Float32 (linear and attention) and bfloat16 weights (linear: widened exactly in
+// registers), with AVX-512 or AVX2+FMA chosen at run time (PACE_KERNEL_ISA=avx2 forces
+// the latter); other dtypes and CPUs use torch's ops (callers check
+// few_rows_linear_supported).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
