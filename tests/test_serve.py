@@ -226,13 +226,15 @@ def test_multi_prompt_request_refused_mid_way_stops_all_its_generations(server):
     body = {"prompt": [[5] * 200] + [[6 + i] for i in range(7)], "max_tokens": 500, "ignore_eos": True}
     r = c.post("/v1/completions", json=body)
     refused = time.monotonic()
-    cpu = _engine_cpu_s()
     assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
     while _in_flight(c) and time.monotonic() < refused + 1:
         time.sleep(0.05)
     assert _in_flight(c) == 0
-    time.sleep(max(0.0, refused + 1.5 - time.monotonic()))
-    assert _engine_cpu_s() - cpu < 0.2  # a step of these tiny models takes milliseconds
+    # nothing computes once the request is gone (unstopped, the seven 500-token
+    # generations would keep both engines busy for seconds)
+    cpu = _engine_cpu_s()
+    time.sleep(1.0)
+    assert _engine_cpu_s() - cpu < 0.1
     assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
