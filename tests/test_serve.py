@@ -199,6 +199,16 @@ def test_overflow_gets_503_quickly(server):
     assert server["client"].post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
+def _wait_engines_idle(timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        cpu = _engine_cpu_s()
+        time.sleep(0.5)
+        if _engine_cpu_s() - cpu < 0.02:
+            return
+    raise AssertionError("the engines stayed busy before the test began")
+
+
 def _engine_cpu_s() -> float:
     import psutil
 
@@ -223,6 +233,7 @@ def test_multi_prompt_request_refused_mid_way_stops_all_its_generations(server):
     request is a 400, and the generations of the other prompts (running or queued) stop
     at once: in-flight is 0 within a second, and the engines compute nothing more."""
     c = server["client"]
+    _wait_engines_idle()  # earlier tests' abandoned work must not count here
     body = {"prompt": [[5] * 200] + [[6 + i] for i in range(7)], "max_tokens": 500, "ignore_eos": True}
     r = c.post("/v1/completions", json=body)
     refused = time.monotonic()
