@@ -241,11 +241,12 @@ def test_multi_prompt_request_refused_mid_way_stops_all_its_generations(server):
     while _in_flight(c) and time.monotonic() < refused + 1:
         time.sleep(0.05)
     assert _in_flight(c) == 0
-    # nothing computes once the request is gone (unstopped, the seven 500-token
-    # generations would keep both engines busy for seconds)
+    # the engines stop once the request is gone: unstopped, the seven 500-token
+    # generations would keep both busy through the next second (2 CPU-seconds); the stop
+    # message reaches a running generation within a step or so (~0.1 s seen under load)
     cpu = _engine_cpu_s()
     time.sleep(1.0)
-    assert _engine_cpu_s() - cpu < 0.1
+    assert _engine_cpu_s() - cpu < 0.5
     assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
