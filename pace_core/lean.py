@@ -11,9 +11,9 @@ The layer loop runs in C++ (:mod:`pace_core.native`: the same ops, bit-identical
 without Python's per-op overhead) when the native kernels build and agree with the
 Python loop below on a probe forward; otherwise in Python. In float32 both loops use
 the few-rows kernels (csrc/few_rows.cpp) for every linear and attention: each weight is
-streamed from memory once for all the tokens of a forward (so a K+1-token verify costs
-about one decode step), and each token's row is computed alone, so a verify, a decode
-step and a prompt split in any way give bit-identical logits.
+streamed from memory once for all the tokens of a forward (a K+1-token verify costs far
+less than K+1 decode steps), and each token's row is computed alone, so a verify, a
+decode step and a prompt split in any way give bit-identical logits.
 
 It is used when :func:`supports` says the architecture matches; anything else runs
 through :class:`pace_core.runner.CausalLMRunner` with the same interface.
@@ -90,10 +90,11 @@ class LeanRunner:
         # every linear through the native op when it builds: in float32 the few-rows kernels
         # (csrc/few_rows.cpp: each weight read once for up to 64 rows, each row computed
         # alone), torch's own GEMM otherwise
-        self.linear = torch.ops.pace_core.linear if native.load() else F.linear
+        kernels = native.load()
+        self.linear = torch.ops.pace_core.linear if kernels else F.linear
         # float32 forwards run in chunks of up to this many tokens through the few-rows
         # linear and attention kernels (0: no native kernels)
-        self.few_rows = torch.ops.pace_core.few_rows_limit() if native.load() else 0
+        self.few_rows = torch.ops.pace_core.few_rows_limit() if kernels else 0
         self.capacity = 0
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
@@ -192,10 +193,12 @@ class LeanRunner:
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
         """Causal attention of the new queries q (1, H, n, D) over the cache, which holds
-        them at start..start+n-1 (query i sees keys 0..start+i); as csrc/llama_layers.cpp."""
-        n = q.shape[2]
-        if n <= self.few_rows and q.dtype == torch.float32:
+        them at start..start+n-1 (query i sees keys 0..start+i): the native op when the
+        kernels are built (it picks the few-rows kernel or SDPA, as the C++ loop does),
+        else SDPA with a causal mask."""
+        if self.few_rows:
             return torch.ops.pace_core.attention(q, k_cache, v_cache, start, self.scaling)
+        n = q.shape[2]
         end = start + n
         mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start) if n > 1 else None
         return F.scaled_dot_product_attention(q, k_cache[:, :end].unsqueeze(0), v_cache[:, :end].unsqueeze(0),
