@@ -1,10 +1,23 @@
 """Helpers shared by the slow Ray Serve tests."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import pytest
+
+
+def sse_events(response, on_first=None) -> list:
+    """The events of a streamed response: parsed JSON objects, and "[DONE]"; ``on_first``
+    runs right after the first event arrives (e.g. to kill or stop an engine mid-stream)."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+            if len(events) == 1 and on_first is not None:
+                on_first()
+    return events
 
 
 def wait_for(pred, timeout, what, interval=0.5):

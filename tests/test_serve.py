@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import engine_pids
+from helpers import engine_pids, sse_events
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-key"
@@ -83,14 +83,6 @@ def engine(tiny_pair):
 
     target, draft = tiny_pair
     return LLMModel(target, dtype="float32", pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=3))
-
-
-def sse_events(response) -> list:
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
-    return events
 
 
 def test_models_health_metrics(server):
@@ -997,15 +989,16 @@ def test_killed_engine_mid_stream_error_event_then_restart_in_place(server):
     one = serve.get_app_handle("one")
     before = one.info.remote().result(timeout_s=60)["replica"]
     body = {"prompt": "x", "max_tokens": 480, "ignore_eos": True, "stream": True}
-    events = []
+    killed = []
+
+    def kill_engine():
+        os.kill(before["pid"], signal.SIGKILL)
+        killed.append(time.monotonic())
+
     with c.stream("POST", "/one/v1/completions", json=body, headers=headers) as r:
         assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
-                if len(events) == 1:
-                    os.kill(before["pid"], signal.SIGKILL)
-                    t_kill = time.monotonic()
+        events = sse_events(r, on_first=kill_engine)
+    t_kill = killed[0]
     assert events[-1] == "[DONE]"
     assert events[-2] == {"error": {"message": f"internal server error (request id {events[0]['id']}); the details "
                                                "are in the server's log. Retry the request.",

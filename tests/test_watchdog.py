@@ -4,7 +4,6 @@ replica serves the next one; an engine that stops progressing (SIGSTOP) fails it
 request within engine_step_timeout_s, /health fails, and Serve replaces the replica."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -13,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from helpers import wait_for
+from helpers import sse_events, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -58,11 +57,6 @@ def _replica_info(app: str) -> dict:
     return serve.get_app_handle(app).info.remote().result(timeout_s=60)["replica"]
 
 
-def _events(response) -> list:
-    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
-            for line in response.iter_lines() if line.startswith("data: ")]
-
-
 def test_request_timeout_ends_the_request_and_its_replica_serves_the_next(server):
     c = server
     engine = _replica_info("timed")["pid"]
@@ -92,12 +86,7 @@ def test_request_timeout_ends_the_request_and_its_replica_serves_the_next(server
     # streamed: stopped after its first chunk, it ends with a timeout error event, then [DONE]
     with c.stream("POST", "/timed/v1/completions", json={**body, "max_tokens": 480, "ignore_eos": True,
                                                           "stream": True}) as r:
-        events = []
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
-                if len(events) == 1:
-                    os.kill(engine, signal.SIGSTOP)
+        events = sse_events(r, on_first=lambda: os.kill(engine, signal.SIGSTOP))
     os.kill(engine, signal.SIGCONT)
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "timeout", events[-3:]
     after = _replica_info("timed")
@@ -110,14 +99,15 @@ def test_stalled_engine_fails_its_request_and_health_and_the_replica_is_replaced
     before = _replica_info("stall")
     assert c.get("/stall/health").status_code == 200
     body = {"prompt": "x", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    stopped = []
+
+    def stop_engine():
+        os.kill(before["pid"], signal.SIGSTOP)
+        stopped.append(time.monotonic())
+
     with c.stream("POST", "/stall/v1/completions", json=body) as r:
-        events = []
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
-                if len(events) == 1:
-                    os.kill(before["pid"], signal.SIGSTOP)
-                    t_stop = time.monotonic()
+        events = sse_events(r, on_first=stop_engine)
+    t_stop = stopped[0]
     ended = time.monotonic() - t_stop
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "internal_error", events[-3:]
     assert STEP_TIMEOUT_S <= ended < STEP_TIMEOUT_S + 2, ended
