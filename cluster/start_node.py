@@ -6,12 +6,14 @@
     python -m cluster.start_node --show                      # topology and slots only
     python -m cluster.start_node --status                    # which process holds which slot
 
-Runs ``ray start`` with ``--resources '{"pace_slot": N}'`` (N = slots of this host:
-NUMA nodes, or node slices of ``--cores-per-slot`` cores), ``--num-cpus`` (the CPUs
-this process may use) and no dashboard unless ``--dashboard`` (the head needs it for
-``serve deploy``/``serve status``). ``PACE_CORES_PER_SLOT`` (and
+Runs ``ray start`` with ``--resources`` giving N units of the slot resource (N = slots
+of this host: NUMA nodes, or node slices of ``--cores-per-slot`` cores), ``--num-cpus``
+(the CPUs this process may use) and no dashboard unless ``--dashboard`` (the head needs
+it for ``serve deploy``/``serve status``). ``PACE_CORES_PER_SLOT`` (and
 ``PACE_TOPOLOGY`` / ``PACE_SLOT_DIR`` if given) are exported to ``ray start``, so the
-replicas Ray starts on this node split the host exactly as it was counted here.
+replicas Ray starts on this node split the host exactly as it was counted here, and so
+is the node environment (a value already set wins). The resource's name and the node
+environment are placement's (``pace_core.numa``; printed below).
 Arguments after ``--`` go to ``ray start`` unchanged.
 """
 from __future__ import annotations
@@ -23,19 +25,22 @@ import shlex
 import subprocess
 import sys
 
-from deployments import NODE_ENV
-from pace_core.topology import (
+from pace_core.numa import (
     CORES_PER_SLOT_ENV,
+    NODE_ENV,
+    SLOT_DIR_ENV,
+    SLOT_RESOURCE,
     TOPOLOGY_ENV,
     describe,
     discover_numa_nodes,
     format_cpulist,
     process_allowed_cpus,
     resolve_cores_per_slot,
+    slot_dir,
+    slot_status,
     split_slots,
 )
 
-SLOT_RESOURCE = "pace_slot"  # == pace_core.numa.SLOT_RESOURCE (numa imports more than we need)
 DEFAULT_PORT = 6379
 
 
@@ -45,7 +50,7 @@ def slot_count(cores_per_slot: int | None = None) -> int:
 
 
 def node_resources(cores_per_slot: int | None = None, slots: int | None = None) -> dict[str, float]:
-    """Ray custom resources for this host: ``{"pace_slot": N}``; usable as
+    """Ray custom resources for this host: ``{SLOT_RESOURCE: N}``; usable as
     ``ray.init(resources=...)`` or ``Cluster.add_node(resources=...)``."""
     n = slot_count(cores_per_slot) if slots is None else slots
     return {SLOT_RESOURCE: n}
@@ -83,10 +88,10 @@ def node_env(cores_per_slot: int | None = None) -> dict[str, str]:
     env = {}
     cps = resolve_cores_per_slot(cores_per_slot)
     env[CORES_PER_SLOT_ENV] = str(cps) if cps else "0"
-    for var in (TOPOLOGY_ENV, "PACE_SLOT_DIR"):
+    for var in (TOPOLOGY_ENV, SLOT_DIR_ENV):
         if os.environ.get(var):
             env[var] = os.environ[var]
-    # Serve's HTTP proxy talks to the router over gRPC (deployments.NODE_ENV)
+    # Serve's HTTP proxy talks to the router over gRPC (pace_core.numa.NODE_ENV)
     env.update({k: os.environ.get(k, v) for k, v in NODE_ENV.items()})
     return env
 
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(prog="python -m cluster.start_node", description=__doc__,
+                                epilog=f"slot resource: {SLOT_RESOURCE}; node environment: "
+                                       + " ".join(f"{k}={v}" for k, v in NODE_ENV.items()),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     role = p.add_mutually_exclusive_group(required=True)
     role.add_argument("--head", action="store_true", help="start the head node")
@@ -138,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         }, indent=2))
         return 0
     if args.status:
-        from pace_core.numa import slot_dir, slot_status
-
         print(f"locks in {slot_dir()}")
         for st in slot_status(slots):
             who = ", ".join(st["held_by"]) if st["held_by"] else "free"

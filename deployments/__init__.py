@@ -1,11 +1,8 @@
 """Ray Serve deployments: NUMA-pinned PARD replicas behind an OpenAI-compatible router."""
 
-# NODE_ENV belongs in the environment Ray starts from: `python -m cluster.start_node`,
-# the KubeRay config and the README's serve command set it (a value already in the
-# environment wins): Serve's HTTP proxy streams to the router over gRPC instead of Ray's
-# object transport (HTTP TPOT overhead +4..10% instead of +11..12%: README, Serving).
-PROXY_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
-NODE_ENV = {PROXY_GRPC_ENV: "1"}
+# NODE_ENV, the environment Ray nodes start with (Serve's HTTP proxy streams to the
+# router over gRPC), is placement's, shared with `cluster`: pace_core.numa
+from pace_core.numa import NODE_ENV, PROXY_GRPC_ENV  # noqa: F401 - re-exported
 
 # Ray starts its workers at niceness 15 unless Ray is started with this set; the engine
 # process raises itself back to 0 when it may (deployments.engine_process.raise_priority).

@@ -50,7 +50,8 @@ class AppArgs(BaseModel):
     num_replicas: int = Field(2, ge=1)
     autoscaling: AutoscalingArgs | None = None
     cores_per_slot: int | None = Field(None, ge=1)
-    # request the `pace_slot` Ray resource per replica: "auto" = when the cluster advertises it
+    # request the slot Ray resource (pace_core.numa.SLOT_RESOURCE) per replica: "auto" =
+    # when the cluster advertises it
     slot_resource: Literal["auto", "always", "never"] = "auto"
     pin: bool = True  # claim a NUMA slot and pin each replica to it
     max_queued_requests: int = Field(16, ge=0)  # beyond replicas + this: 503
@@ -81,6 +82,10 @@ class AppArgs(BaseModel):
     # the sampling fields of the target's generation_config.json are the defaults of
     # requests that leave them out (as transformers and vLLM); false: greedy defaults
     generation_config_defaults: bool = True
+    # cache_aware: a request goes to the replica holding its prompt's prefix or session (deployments.routing)
+    routing: Literal["cache_aware", "power_of_two"] = "cache_aware"
+    # cache_aware: how long a request waits for its busy preferred replica before another takes it
+    affinity_wait_s: float = Field(0.5, ge=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -1,39 +1,55 @@
-"""NUMA slots: crash-safe claiming and pinning of the current process.
+"""Placement: everything that puts replicas on NUMA slots, in one module. ``deployments``
+and ``cluster`` import these names from here (``cluster`` never imports ``deployments``),
+and importing it stays cheap (no torch; :func:`pin_to_slot` imports torch when called).
 
-A replica calls :func:`claim_slot_and_pin` in its constructor BEFORE loading weights:
+- Ray names: :data:`SLOT_RESOURCE`, the custom resource a node advertises one unit of
+  per slot (``cluster.start_node``) and every replica asks one of (``deployments.app``),
+  so that Serve never places more replicas on a host than it has slots; and
+  :data:`NODE_ENV`, the environment Ray nodes start with.
+- Discovery: :func:`discover_numa_nodes`, :func:`split_slots`, :func:`host_slots`
+  (``PACE_TOPOLOGY`` simulates a host, ``PACE_CORES_PER_SLOT`` splits nodes), re-exported
+  from :mod:`pace_core.topology`, the pure parsing helper behind them.
+- Claims: :func:`claim_slot`, :func:`slot_status`, :func:`slot_dir`.
+- Pinning: :func:`pin_to_slot`.
 
-1. it discovers this host's slots (:mod:`pace_core.topology`; ``PACE_TOPOLOGY``
-   simulates one),
-2. claims the first free one with OS file locks: one lock file per CPU
-   (file ``cpu-<n>.lock``), taken with ``fcntl.flock(LOCK_EX | LOCK_NB)``. A slot is
-   claimed when all of its CPUs' locks are held. The kernel drops the locks when the
-   process dies (even on SIGKILL), so a crashed replica's slot is free again at once;
-   there is no central bookkeeping that can go stale. Locking CPUs rather than slot
-   numbers keeps processes that split the host differently (another
-   ``cores_per_slot``) from ever sharing a CPU.
+A replica (``deployments/replica.py``) claims a slot with :func:`claim_slot` in its
+constructor and holds the claim for as long as it lives; its engine process
+(``deployments/engine_process.py``) pins itself to the slot with :func:`pin_to_slot`
+before it loads any weights (first touch then places them in the slot's memory), and
+so does an engine the replica restarts.
 
-   The lock directory is private by default: ``/tmp/pace-slots-<uid>``, mode 0700,
-   owned by the user (it is refused, with a message naming the fix, if it is a
-   symlink or another user's), so that no other local user can hold the slots or
-   plant links; every lock file is opened with ``O_NOFOLLOW`` relative to the
-   directory. It depends on the uid only (not on ``$XDG_RUNTIME_DIR``, which differs
-   between sessions of one user and vanishes at logout), so all of a user's
-   processes on a host agree on it. ``$PACE_SLOT_DIR`` overrides it: one directory
-   per host or pod, or a directory shared by several users' servers on one host
-   (create it with the group permissions they need; a lock file another user
-   created is locked through a read-only descriptor, as ``flock`` allows).
-3. pins itself: CPU affinity of every thread of the process, ``torch.set_num_threads``,
-   ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, and a best-effort ``set_mempolicy``
-   (MPOL_BIND to the slot's NUMA node; ``PACE_MEMBIND=preferred`` or ``off``).
+Claiming: the first free slot of this host is taken with OS file locks, one lock file
+per CPU (file ``cpu-<n>.lock``), taken with ``fcntl.flock(LOCK_EX | LOCK_NB)``. A slot
+is claimed when all of its CPUs' locks are held. The kernel drops the locks when the
+process dies (even on SIGKILL), so a crashed replica's slot is free again at once;
+there is no central bookkeeping that can go stale. Locking CPUs rather than slot
+numbers keeps processes that split the host differently (another ``cores_per_slot``)
+from ever sharing a CPU.
 
-No free slot: the call waits up to ``wait_s`` (default ``PACE_SLOT_WAIT_S`` or 10 s,
-which covers a replacement starting while its predecessor is still exiting) and then
-raises :class:`NoFreeSlotError` naming the holders. The replica constructor fails and
-Serve retries it later. With the ``pace_slot`` Ray resource, Serve never places more
-replicas on a host than it has slots, so this only happens when something outside
-Ray holds a slot.
+The lock directory is private by default: ``/tmp/pace-slots-<uid>``, mode 0700, owned
+by the user (it is refused, with a message naming the fix, if it is a symlink or
+another user's), so that no other local user can hold the slots or plant links; every
+lock file is opened with ``O_NOFOLLOW`` relative to the directory. It depends on the
+uid only (not on ``$XDG_RUNTIME_DIR``, which differs between sessions of one user and
+vanishes at logout), so all of a user's processes on a host agree on it.
+``$PACE_SLOT_DIR`` overrides it: one directory per host or pod, or a directory shared
+by several users' servers on one host (create it with the group permissions they need;
+a lock file another user created is locked through a read-only descriptor, as
+``flock`` allows).
 
-``PACE_PIN=0`` disables all of it: the call returns None.
+No free slot: :func:`claim_slot` waits up to ``wait_s`` (default ``PACE_SLOT_WAIT_S``
+or 10 s, which covers a replacement starting while its predecessor is still exiting)
+and then raises :class:`NoFreeSlotError` naming the holders. The replica constructor
+fails and Serve retries it later. With the slot resource, Serve never places more
+replicas on a host than it has slots, so this only happens when something outside Ray
+holds a slot.
+
+Pinning: CPU affinity of every thread of the process, ``torch.set_num_threads``,
+``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, and a best-effort ``set_mempolicy`` (MPOL_BIND
+to the slot's NUMA node; ``PACE_MEMBIND=preferred`` or ``off``).
+
+``PACE_PIN=0`` (:func:`pinning_enabled` false) disables both: the replica claims no
+slot and its engine does not pin itself.
 """
 from __future__ import annotations
 
@@ -46,20 +62,31 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .topology import (  # noqa: F401 - re-exported
+from .topology import (  # noqa: F401 - re-exported: import placement names from here
     CORES_PER_SLOT_ENV,
     TOPOLOGY_ENV,
     NumaNode,
     Slot,
+    describe,
     discover_numa_nodes,
     format_cpulist,
     host_slots,
+    process_allowed_cpus,
+    resolve_cores_per_slot,
     split_slots,
 )
 
 logger = logging.getLogger(__name__)
 
 SLOT_RESOURCE = "pace_slot"  # Ray custom resource: one unit per slot on a node
+
+# NODE_ENV belongs in the environment Ray starts from: `python -m cluster.start_node`,
+# the KubeRay config and the README's serve command set it (a value already in the
+# environment wins): Serve's HTTP proxy streams to the router over gRPC instead of Ray's
+# object transport (HTTP TPOT overhead +4..10% instead of +11..12%: README, Serving).
+PROXY_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
+NODE_ENV = {PROXY_GRPC_ENV: "1"}
+
 SLOT_DIR_ENV = "PACE_SLOT_DIR"
 PIN_ENV = "PACE_PIN"
 MEMBIND_ENV = "PACE_MEMBIND"

@@ -33,8 +33,8 @@ def wait_for(pred, timeout, what, interval=0.5):
 
 
 def two_slot_serve(tmp_path, monkeypatch, namespace: str):
-    """A private Ray node simulating 2 NUMA nodes x 1 core (pace_slot=2) with Serve
-    started and no HTTP proxy; a generator for a fixture to yield from."""
+    """A private Ray node simulating 2 NUMA nodes x 1 core (2 units of the slot resource)
+    with Serve started and no HTTP proxy; a generator for a fixture to yield from."""
     import ray
     from ray import serve
 
@@ -47,9 +47,10 @@ def two_slot_serve(tmp_path, monkeypatch, namespace: str):
     monkeypatch.delenv("PACE_CORES_PER_SLOT", raising=False)
     monkeypatch.delenv("PACE_PIN", raising=False)
     from cluster.start_node import node_resources
+    from pace_core.numa import SLOT_RESOURCE
 
     ray.init(address="local", num_cpus=2, resources=node_resources(), include_dashboard=False, namespace=namespace)
-    assert ray.cluster_resources()["pace_slot"] == 2
+    assert ray.cluster_resources()[SLOT_RESOURCE] == 2
     serve.start(proxy_location="Disabled")
     try:
         yield

@@ -39,7 +39,7 @@ def test_launcher_yaml_is_valid_for_ray(name):
     cfg = load(name)
     full = prepare_config(copy.deepcopy(cfg))  # fills the provider's defaults
     validate_config(full)  # Ray's ray-schema.json + consistency checks
-    # every node is started through cluster.start_node (which advertises pace_slot)
+    # every node is started through cluster.start_node (which advertises the slot resource)
     head_cmd = " ".join(cfg["head_start_ray_commands"])
     worker_cmd = " ".join(cfg["worker_start_ray_commands"])
     assert "python -m cluster.start_node --head --dashboard" in head_cmd
@@ -92,7 +92,7 @@ def test_rayservice_shape(rayservice):
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["PACE_CORES_PER_SLOT"] == "0"
     head_env = {e["name"]: e["value"] for e in head["template"]["spec"]["containers"][0]["env"]}
-    from deployments import NODE_ENV
+    from pace_core.numa import NODE_ENV
 
     assert all(env[k] == head_env[k] == v for k, v in NODE_ENV.items())
 
@@ -115,7 +115,9 @@ def test_rayservice_serve_config_validates(rayservice):
     auto = args["autoscaling"]
     assert auto["target_ongoing_requests"] == 1
     group = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
-    slots_per_pod = kuberay_resources(group["rayStartParams"]["resources"])["pace_slot"]
+    from pace_core.numa import SLOT_RESOURCE
+
+    slots_per_pod = kuberay_resources(group["rayStartParams"]["resources"])[SLOT_RESOURCE]
     assert 1 <= auto["min_replicas"] <= auto["max_replicas"] <= group["maxReplicas"] * slots_per_pod
     assert cfg["http_options"]["host"] == "0.0.0.0"
 

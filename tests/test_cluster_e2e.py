@@ -1,9 +1,9 @@
 """End to end with the real application (deployments.app:build_app, tiny random models):
 a simulated 2-slot topology (2 NUMA nodes x 1 core) on this 2-core machine, one Ray
-node advertising pace_slot=2. Replica pinning is checked from outside (psutil on the
-replica processes); a third replica stays pending while the service answers; a killed
-replica's slot goes to its replacement; autoscaling rises to the slot bound and
-falls back."""
+node advertising 2 units of the slot resource. Replica pinning is checked from outside
+(psutil on the replica processes); a third replica stays pending while the service
+answers; a killed replica's slot goes to its replacement; autoscaling rises to the slot
+bound and falls back."""
 from __future__ import annotations
 
 import os

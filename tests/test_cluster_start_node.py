@@ -1,5 +1,5 @@
 """cluster.start_node: slot resources, the ray start command, and multi-node placement
-by the pace_slot resource with ray.cluster_utils.Cluster."""
+by the slot resource with ray.cluster_utils.Cluster."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cluster import start_node
-from pace_core.numa import SLOT_RESOURCE
+from pace_core.numa import NODE_ENV, SLOT_RESOURCE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,22 +22,27 @@ def two_slot_topology(monkeypatch):
     monkeypatch.delenv("PACE_CORES_PER_SLOT", raising=False)
 
 
-def test_resource_name_matches_numa():
-    assert start_node.SLOT_RESOURCE == SLOT_RESOURCE == "pace_slot"
+def test_placement_names_come_from_numa_and_import_is_cheap():
+    assert start_node.SLOT_RESOURCE is SLOT_RESOURCE and start_node.NODE_ENV is NODE_ENV
+    # cluster never imports deployments (nor, through it, Ray or torch)
+    r = subprocess.run([sys.executable, "-c", "import sys, cluster.start_node; "
+                        "print(sorted(m for m in ('deployments', 'ray', 'torch') if m in sys.modules))"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
 
 
 def test_node_resources(two_slot_topology, monkeypatch):
-    assert start_node.node_resources() == {"pace_slot": 2}
-    assert start_node.node_resources(slots=0) == {"pace_slot": 0}
+    assert start_node.node_resources() == {SLOT_RESOURCE: 2}
+    assert start_node.node_resources(slots=0) == {SLOT_RESOURCE: 0}
     monkeypatch.setenv("PACE_TOPOLOGY", "0-63;64-127")
-    assert start_node.node_resources() == {"pace_slot": 2}
-    assert start_node.node_resources(16) == {"pace_slot": 8}
-    assert start_node.node_resources(48) == {"pace_slot": 2}  # 16 CPUs/node unused
+    assert start_node.node_resources() == {SLOT_RESOURCE: 2}
+    assert start_node.node_resources(16) == {SLOT_RESOURCE: 8}
+    assert start_node.node_resources(48) == {SLOT_RESOURCE: 2}  # 16 CPUs/node unused
     monkeypatch.setenv("PACE_CORES_PER_SLOT", "32")
-    assert start_node.node_resources() == {"pace_slot": 4}
+    assert start_node.node_resources() == {SLOT_RESOURCE: 4}
     monkeypatch.delenv("PACE_TOPOLOGY")
     monkeypatch.delenv("PACE_CORES_PER_SLOT")
-    assert start_node.node_resources()["pace_slot"] >= 1  # the real host
+    assert start_node.node_resources()[SLOT_RESOURCE] >= 1  # the real host
     assert start_node.node_num_cpus() == len(os.sched_getaffinity(0))
 
 
@@ -46,7 +51,7 @@ def test_ray_start_command(two_slot_topology):
     assert cmd[:3] == ["ray", "start", "--head"]
     assert "--port=6379" in cmd and "--include-dashboard=false" in cmd and "--num-cpus=2" in cmd
     res = [a for a in cmd if a.startswith("--resources=")]
-    assert len(res) == 1 and json.loads(res[0].split("=", 1)[1]) == {"pace_slot": 2}
+    assert len(res) == 1 and json.loads(res[0].split("=", 1)[1]) == {SLOT_RESOURCE: 2}
     w = start_node.ray_start_command(address="10.0.0.1", cores_per_slot=None, extra=["--block"])
     assert "--address=10.0.0.1:6379" in w and "--head" not in w and w[-1] == "--block"
     assert "--include-dashboard=false" not in w
@@ -70,16 +75,16 @@ def test_cli_dry_run_and_show():
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip()
     assert line == ("PACE_CORES_PER_SLOT=1 PACE_TOPOLOGY='0-3;4-7' RAY_SERVE_PROXY_USE_GRPC=1 ray start --head --port=6379 "
-                    "--include-dashboard=false --num-cpus=8 '--resources={\"pace_slot\": 8}' "
+                    f"--include-dashboard=false --num-cpus=8 '--resources={json.dumps({SLOT_RESOURCE: 8})}' "
                     "--disable-usage-stats --node-ip-address=127.0.0.1")
     assert "2 NUMA node(s), 8 slot(s)" in r.stderr
     r = _cli("--address", "10.1.2.3:6380", "--dry-run", env_extra={"PACE_TOPOLOGY": "0-3;4-7"})
     assert r.returncode == 0, r.stderr
     assert "ray start --address=10.1.2.3:6380" in r.stdout
-    assert "'--resources={\"pace_slot\": 2}'" in r.stdout
+    assert f"'--resources={json.dumps({SLOT_RESOURCE: 2})}'" in r.stdout
     r = _cli("--show", "--cores-per-slot", "2", env_extra={"PACE_TOPOLOGY": "0-3;4-7"})
     info = json.loads(r.stdout)
-    assert info["resources"] == {"pace_slot": 4}
+    assert info["resources"] == {SLOT_RESOURCE: 4}
     assert info["numa_nodes"] == {"0": "0-3", "1": "4-7"}
     assert [s["cpus"] for s in info["slots"]] == ["0-1", "2-3", "4-5", "6-7"]
     r = _cli("--dry-run")  # no role

@@ -636,7 +636,7 @@ def test_serve_run_serve_config_yaml():
 
     # pinning on, with a private lock directory so that no other server on this host interferes
     # the README's command: RAY_SERVE_PROXY_USE_GRPC=1 serve run serve_config.yaml
-    from deployments import NODE_ENV
+    from pace_core.numa import NODE_ENV
 
     # a Ray of its own under a private temp dir: cleanup stops that Ray and no other
     ray_tmp = tempfile.mkdtemp(prefix="ray-serve-run-")
