@@ -258,6 +258,9 @@ class ModelConfig(BaseModel):
     runner: Literal["auto", "lean", "transformers"] = "auto"
     # sampling fields of generation_config.json are the defaults of requests that leave them unset
     generation_config_defaults: bool = True
+    # memory for reused prompt prefixes' KV (pace_core.prefix_cache): None = 5% of the
+    # host's memory, at most 4 GiB; 0 = no prefix cache
+    prefix_cache_gb: float | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

@@ -62,15 +62,17 @@ def decode(
     pard_token: int | None = None,
     sampler: Sampler | None = None,
     adaptive: bool = False,
+    cached: int = 0,
 ) -> Iterator[Step]:
     """Yield the tokens accepted at each step until ``max_new_tokens`` are produced
     (greedy unless a ``sampler`` says otherwise). The caller stops early (EOS, stop
-    strings) simply by not asking for more."""
+    strings) simply by not asking for more. ``cached``: the runners already hold the
+    first ``cached`` prompt tokens (a reused prefix); otherwise they start empty."""
     sampler = sampler or Sampler(SamplingConfig(), prompt_ids, target.vocab_limit)
-    target.reset()
-    if draft is not None:
-        draft.reset()
-    target_unseen, draft_unseen = list(prompt_ids), list(prompt_ids)
+    if not cached:
+        for runner in (target, draft) if draft is not None else (target,):
+            runner.reset()
+    target_unseen, draft_unseen = list(prompt_ids[cached:]), list(prompt_ids[cached:])
     produced, k_next = 0, k
     while produced < max_new_tokens:
         # never propose beyond the last token we may emit

@@ -157,6 +157,24 @@ class LeanRunner:
         self.seq_len -= max(num_tokens, 0)
 
     @torch.inference_mode()
+    def read_kv(self, start: int, end: int) -> torch.Tensor:
+        """A copy of the K and V of positions start..end-1 in every layer, shape
+        (2, layers, kv_heads, end - start, head_dim) (:mod:`pace_core.prefix_cache`)."""
+        return torch.stack([torch.stack([c[:, start:end] for c in cache]) for cache in (self.k_cache, self.v_cache)])
+
+    @torch.inference_mode()
+    def write_kv(self, kv: torch.Tensor) -> None:
+        """Make ``kv`` (as :meth:`read_kv` returns it) the cache's first positions, and
+        the whole sequence: the next forward continues after them."""
+        n = kv.shape[3]
+        if n > self.capacity:
+            self._grow(n)
+        for i in range(len(self.layers)):
+            self.k_cache[i][:, :n] = kv[0, i]
+            self.v_cache[i][:, :n] = kv[1, i]
+        self.seq_len = n
+
+    @torch.inference_mode()
     def forward(self, token_ids: list[int], num_logits: int) -> torch.Tensor:
         n = len(token_ids)
         if self.seq_len + n > self.capacity:

@@ -21,6 +21,7 @@ from .loading import (
     sampling_defaults,
     stop_token_ids,
 )
+from .prefix_cache import PrefixCache, auto_budget_bytes
 from .runner import make_runner
 from .sampling import Sampler
 from .stopping import OutputBuilder
@@ -45,6 +46,7 @@ class GenerationStats:
     target_time_s: float = 0.0
     time_to_first_token_s: float = 0.0
     total_time_s: float = 0.0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not prefilled)
 
     @property
     def num_tokens(self) -> int:
@@ -71,6 +73,7 @@ class GenerationStats:
             "time_to_first_token_s": self.time_to_first_token_s,
             "total_time_s": self.total_time_s,
             "tokens_per_s": self.tokens_per_s,
+            "num_cached_tokens": self.num_cached_tokens,
         }
 
 
@@ -124,6 +127,7 @@ class LLMModel:
         runner: str = "auto",
         spec_config: PardSpecDecodeConfig | None = None,  # AMD PACE's name for pard_config
         generation_config_defaults: bool = True,
+        prefix_cache_gb: float | None = None,
     ):
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
@@ -138,6 +142,7 @@ class LLMModel:
             num_threads=num_threads,
             runner=runner,
             generation_config_defaults=generation_config_defaults,
+            prefix_cache_gb=prefix_cache_gb,
         )
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -166,6 +171,11 @@ class LLMModel:
             self._load_draft(cfg.pard_config)
             self.num_speculative_tokens = cfg.pard_config.num_speculative_tokens
             self.speculation_schedule = cfg.pard_config.speculation_schedule
+        budget = auto_budget_bytes() if cfg.prefix_cache_gb is None else int(cfg.prefix_cache_gb * (1 << 30))
+        self.prefix_cache = PrefixCache(budget) if budget else None
+        if self.prefix_cache and not PrefixCache.usable(self._runners):
+            logger.info("no prefix cache: the %s runner cannot copy its KV out and in", cfg.runner)
+            self.prefix_cache = None
         self._lock = threading.Lock()
         logger.info("loaded %s%s in %.1fs", cfg.model_name_or_path,
                     f" + PARD draft {cfg.pard_config.model_name_or_path}" if self.draft else "", time.perf_counter() - t0)
@@ -192,6 +202,15 @@ class LLMModel:
         self.draft_context = context_length(draft.config)
 
     # ---------------------------------------------------------------- helpers
+    @property
+    def _runners(self) -> list:
+        return [self.target] + ([self.draft] if self.draft is not None else [])
+
+    def prefix_cache_stats(self) -> dict | None:
+        """Hits, prompt tokens, cached tokens (prefill saved), blocks and bytes of the
+        prefix cache since loading; None without one."""
+        return self.prefix_cache.stats.to_dict() if self.prefix_cache else None
+
     @property
     def dtype(self) -> torch.dtype:
         """The target's weights' dtype (``dtype="auto"`` resolved)."""
@@ -272,11 +291,16 @@ class LLMModel:
         with self._lock:
             t0 = time.perf_counter()
             sampler = Sampler(sampling, prompt_ids, self.target.vocab_limit, stop_ids)
+            cached = self.prefix_cache.load(prompt_ids, self._runners) if self.prefix_cache else 0
+            stats.num_cached_tokens = cached
             steps = decode(self.target, prompt_ids, sampling.max_new_tokens, self.draft,
                            self.num_speculative_tokens, self.pard_token, sampler,
-                           adaptive=self.speculation_schedule == "adaptive")
+                           adaptive=self.speculation_schedule == "adaptive", cached=cached)
+            sequence = list(prompt_ids)  # every token the runners have been given, in order
+            completed = False
             try:
                 for step in steps:
+                    sequence += step.tokens
                     delta = out.add(step.tokens)
                     stats.steps += 1
                     stats.tokens_per_step.append(len(delta.token_ids))
@@ -294,9 +318,16 @@ class LLMModel:
                             logprobs = self._logprob_dicts(step.logprobs[: len(delta.token_ids)])
                         yield StreamChunk(delta.token_ids, delta.text, delta.finish_reason, stats, logprobs)
                     if delta.finish_reason:
+                        completed = True
                         return
+                completed = True
+            except GeneratorExit:  # the caller stopped between steps: the runners are consistent
+                completed = True
+                raise
             finally:
                 steps.close()
+                if self.prefix_cache and completed:  # not after a failure mid-forward
+                    self.prefix_cache.store(sequence, self._runners)
 
     def generate(self, prompt: str | Sequence[int] | list[str], sampling_config: SamplingConfig | None = None):
         """Generate for one prompt (text or token ids); a list of strings gives a list of outputs."""
