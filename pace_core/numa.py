@@ -427,33 +427,3 @@ def pin_to_slot(slot: Slot) -> dict:
                        "near the pinned CPUs)", result["membind"])
     return result
 
-
-def claim_slot_and_pin(cores_per_slot: int | None = None, *, wait_s: float | None = None,
-                       lock_dir: str | os.PathLike | None = None) -> SlotClaim | None:
-    """Claim a free slot on this host and pin this process to it (see the module
-    docstring). Returns the claim, or None when pinning is disabled (``PACE_PIN=0``)
-    or impossible on this OS. Raises NoFreeSlotError when no slot frees up in time.
-
-    ``cores_per_slot``: None = ``PACE_CORES_PER_SLOT`` if set, else one slot per NUMA
-    node."""
-    if not pinning_enabled():
-        logger.info("%s=0: not claiming a NUMA slot", PIN_ENV)
-        return None
-    if fcntl is None:  # pragma: no cover
-        logger.warning("no fcntl on this OS: not claiming a NUMA slot")
-        return None
-    claim = claim_slot(cores_per_slot=cores_per_slot, wait_s=wait_s, lock_dir=lock_dir)
-    try:
-        pinned = pin_to_slot(claim.slot)
-    except BaseException:
-        claim.release()
-        raise
-    claim.affinity = pinned["affinity"]
-    claim.torch_threads = pinned["torch_threads"]
-    claim.membind = pinned["membind"]
-    logger.info("pid %d holds NUMA slot %d: node %d, cpus %s; affinity %s, torch threads %s, "
-                "memory %s", claim.pid, claim.slot.index, claim.slot.numa_node,
-                format_cpulist(claim.slot.cpus),
-                format_cpulist(claim.affinity) if claim.affinity else "unchanged",
-                claim.torch_threads, claim.membind)
-    return claim

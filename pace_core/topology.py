@@ -168,7 +168,7 @@ def _current_allowed_cpus() -> set[int] | None:
         return None
 
 
-# Recorded when this module is first imported, i.e. before claim_slot_and_pin pins
+# Recorded when this module is first imported, i.e. before pin_to_slot pins
 # the process: slot discovery must see the host as it was, not the pinned subset.
 _ALLOWED_AT_IMPORT = _current_allowed_cpus()
 

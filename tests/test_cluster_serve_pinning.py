@@ -1,8 +1,9 @@
 """Slot claiming and pinning under Ray Serve, with a minimal stand-in replica (no model):
 a simulated 2-slot topology (2 NUMA nodes x 1 core) on this machine, a Ray node with
-pace_slot=2, replicas that ask for one slot each and call claim_slot_and_pin in their
-constructor exactly as the real replica does. Checked from outside: the replica
-processes' real CPU affinity (psutil)."""
+2 units of the slot resource, replicas that ask for one slot each and claim it with
+claim_slot in their constructor as the real replica does, then pin themselves with
+pin_to_slot (what the real replica's engine process does; the stand-in has none).
+Checked from outside: the replica processes' real CPU affinity (psutil)."""
 from __future__ import annotations
 
 import asyncio
@@ -35,15 +36,16 @@ def make_app(**options):
                       graceful_shutdown_timeout_s=1, **options)
     class PinnedReplica:
         def __init__(self):
-            from pace_core.numa import claim_slot_and_pin
+            from pace_core.numa import claim_slot, pin_to_slot
 
-            self.claim = claim_slot_and_pin()  # before any weights would be loaded
+            self.claim = claim_slot()  # held for the replica's life
+            self.pinned = pin_to_slot(self.claim.slot)  # before any weights would be loaded
 
         async def info(self, hold_s: float = 0.0):
             import torch
 
             await asyncio.sleep(hold_s)
-            return {**self.claim.to_dict(), "pid": os.getpid(),
+            return {**self.claim.to_dict(), **self.pinned, "pid": os.getpid(),
                     "torch_get_num_threads": torch.get_num_threads()}
 
     return PinnedReplica.bind()

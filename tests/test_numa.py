@@ -14,8 +14,9 @@ import pytest
 
 PACE_CORE = Path(__file__).resolve().parents[1] / "pace_core"
 
-# Runs in a subprocess: claim (and pin) a slot, print the claim as JSON, then hold it
-# until stdin closes. pace_core/__init__ (torch, transformers) is skipped unless the
+# Runs in a subprocess: claim a slot as a replica does (claim_slot, unless PACE_PIN=0),
+# pin to it as its engine process does (pin_to_slot), print the claim as JSON, then hold
+# it until stdin closes. pace_core/__init__ (torch, transformers) is skipped unless the
 # test needs torch, to keep the subprocesses cheap.
 HOLDER = r"""
 import json, os, sys, threading, time, types
@@ -26,12 +27,14 @@ if os.environ.get("LIGHT_IMPORT") == "1":
 ev = threading.Event(); t = threading.Thread(target=ev.wait, daemon=True); t.start()
 from pace_core import numa
 cps = int(os.environ["CPS"]) if os.environ.get("CPS") else None
+claim = out = None
 try:
-    claim = numa.claim_slot_and_pin(cps, wait_s=float(os.environ.get("WAIT", "0")))
+    if numa.pinning_enabled():
+        claim = numa.claim_slot(cores_per_slot=cps, wait_s=float(os.environ.get("WAIT", "0")))
 except numa.NoFreeSlotError as e:
     print(json.dumps({"error": str(e)}), flush=True); sys.exit(3)
-out = claim.to_dict() if claim else None
 if claim:
+    out = {**claim.to_dict(), **numa.pin_to_slot(claim.slot)}
     out["thread_native_id"] = t.native_id
     out["omp"] = os.environ.get("OMP_NUM_THREADS")
     if "torch" in sys.modules:
@@ -160,7 +163,7 @@ def test_simulated_cpus_missing_on_host_claim_without_pinning(env, holders):
     assert r["membind"].startswith(("failed", "bind", "skipped"))
 
 
-def test_pin_disabled_returns_none(env, holders):
+def test_pin_disabled_claims_nothing(env, holders):
     assert holders({**env, "PACE_PIN": "0"}).result() is None
 
 
