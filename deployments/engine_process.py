@@ -53,7 +53,8 @@ def load_model(args: dict, num_threads: int | None = None):
     return LLMModel(args["target"], dtype=args.get("dtype", "auto"), pard_config=pard,
                     tokenizer_name_or_path=args.get("tokenizer"), num_threads=num_threads,
                     trust_remote_code=args.get("trust_remote_code", False),
-                    generation_config_defaults=args.get("generation_config_defaults", True))
+                    generation_config_defaults=args.get("generation_config_defaults", True),
+                    prefix_cache_gb=args.get("prefix_cache_gb"))
 
 
 class EngineError(RuntimeError):
@@ -156,6 +157,7 @@ def _describe(model, pinned: dict) -> dict:
         "torch_threads": torch.get_num_threads(),
         "membind": pinned.get("membind"),
         "priority": pinned.get("priority"),
+        "prefix_cache": model.prefix_cache_stats(),
     }
 
 
@@ -197,12 +199,13 @@ def _serve_request(model, conn: Connection, request) -> None:
         chunks = model.stream(prompt_ids, sampling)
         for chunk in chunks:
             out = {"text": chunk.text, "token_ids": chunk.token_ids, "finish_reason": chunk.finish_reason,
-                   "num_prompt_tokens": len(prompt_ids)}
+                   "num_prompt_tokens": len(prompt_ids), "num_cached_tokens": chunk.stats.num_cached_tokens}
             if chunk.logprobs is not None:
                 out["logprobs"] = chunk.logprobs
             if chunk.finish_reason:
                 out["stats"] = chunk.stats.to_dict()
                 out["engine_pid"] = os.getpid()
+                out["prefix_cache"] = model.prefix_cache_stats()
             conn.send(("chunk", out))
             if conn.poll():  # the only message that can arrive mid-request is "stop"
                 conn.recv()

@@ -32,6 +32,12 @@ class Metrics:
         self._prompt = counter("pace_prompt_tokens", "Prompt tokens processed.").labels(model_name)
         self._decode_steps = counter("pace_decode_steps", "Decode steps (one target forward each).").labels(model_name)
         self._proposed = counter("pace_draft_tokens_proposed", "Draft tokens proposed to the target.").labels(model_name)
+        self._cache_queries = counter("pace_prefix_cache_queries", "Requests that looked up the prefix cache "
+                                      "(prompt tokens: pace_prompt_tokens).").labels(model_name)
+        self._cache_hits = counter("pace_prefix_cache_hits", "Requests that reused at least one cached prefix "
+                                   "block.").labels(model_name)
+        self._cached = counter("pace_prefix_cache_cached_tokens", "Prompt tokens whose KV came from the prefix "
+                               "cache: prefill saved.").labels(model_name)
         self._bonus = counter("pace_bonus_tokens", "Bonus tokens: the target's own token after a step that accepted "
                                                    "every proposal (not counted as accepted).").labels(model_name)
         self._stream_errors = counter("pace_stream_errors", "Streams ended by a server fault after their first "
@@ -44,6 +50,9 @@ class Metrics:
                                   "speculative decode step (the correction or bonus token apart).", ACCEPTED_BUCKETS)
         gauge("pace_requests_in_flight", "Requests being generated or waiting.", lambda: self.in_flight)
         gauge("pace_queue_depth", "Requests waiting for a free replica.", lambda: self.queue_depth)
+        gauge("pace_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens of the "
+              "requests that looked it up, since the router started.", self._cache_hit_rate)
+        self._cache_tokens = [0, 0]  # prompt tokens, of which cached
 
     def request_done(self, route: str, status: int) -> None:
         self._requests.labels(self.model, route, str(status)).inc()
@@ -52,11 +61,18 @@ class Metrics:
         self._stream_errors.inc()
 
     def generation_done(self, prompt_tokens: int, tokens: int, stats: dict | None, ttft: float | None,
-                        e2e: float) -> None:
+                        e2e: float, cached_tokens: int = 0) -> None:
         """One generation's counts; ``stats`` (the engine's, on a finished generation's
-        last chunk) gives the per-step acceptance and the per-token ITL."""
+        last chunk) gives the per-step acceptance and the per-token ITL; ``cached_tokens``
+        the prompt tokens whose KV the replica's prefix cache held."""
         stats = stats or {}
         self._prompt.inc(prompt_tokens)
+        self._cache_queries.inc()
+        self._cached.inc(cached_tokens)
+        self._cache_tokens[0] += prompt_tokens
+        self._cache_tokens[1] += cached_tokens
+        if cached_tokens:
+            self._cache_hits.inc()
         self._generated.inc(tokens)
         self._decode_steps.inc(stats.get("steps", 0))
         per_step = zip(stats.get("drafts_proposed_per_step", ()), stats.get("drafts_accepted_per_step", ()))
@@ -77,6 +93,10 @@ class Metrics:
             if n:
                 previous = end
         self.e2e.observe(e2e)
+
+    def _cache_hit_rate(self) -> float:
+        prompt, cached = self._cache_tokens
+        return cached / prompt if prompt else 0.0
 
     @property
     def queue_depth(self) -> int:

@@ -209,9 +209,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage block; ``cached_tokens``: prompt tokens whose KV the prefix cache held."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion_logprobs(entries: list[dict] | None, offset: int = 0) -> dict | None:
@@ -245,7 +247,8 @@ def completion_body(rid: str, model: str, outputs: list[dict]) -> dict:
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, "text": o["text"], "logprobs": completion_logprobs(o.get("logprobs")),
                      "finish_reason": o["finish_reason"]} for i, o in enumerate(outputs)],
-        "usage": usage(sum(o["num_prompt_tokens"] for o in outputs), sum(len(o["token_ids"]) for o in outputs)),
+        "usage": usage(sum(o["num_prompt_tokens"] for o in outputs), sum(len(o["token_ids"]) for o in outputs),
+                       sum(o.get("num_cached_tokens", 0) for o in outputs)),
     }
 
 
@@ -254,7 +257,7 @@ def chat_body(rid: str, model: str, out: dict) -> dict:
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
                      "logprobs": chat_logprobs(out.get("logprobs")), "finish_reason": out["finish_reason"]}],
-        "usage": usage(out["num_prompt_tokens"], len(out["token_ids"])),
+        "usage": usage(out["num_prompt_tokens"], len(out["token_ids"]), out.get("num_cached_tokens", 0)),
     }
 
 
@@ -270,6 +273,7 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: s
             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int,
+                cached_tokens: int = 0) -> dict:
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}

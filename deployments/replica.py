@@ -90,6 +90,8 @@ class LLMReplica:
         self.requests_served = 0
         self.tokens_generated = 0
         self.last_request: dict = {}  # tokens generated and finish reason of the latest request
+        # the engine's prefix-cache stats (as of its latest request; None: no cache)
+        self.prefix_cache: dict | None = self.engine.info.get("prefix_cache")
         logger.info("replica pid %d: engine pid %d loaded %s in %.1fs; slot %s", os.getpid(), self.engine.pid,
                     args["target"], self.load_s, self.slot.to_dict() if self.slot else "none (not pinned)")
 
@@ -217,6 +219,9 @@ class LLMReplica:
         self.last_request["tokens"] += len(chunk["token_ids"])
         self.last_request["finish_reason"] = chunk["finish_reason"]
         self.tokens_generated += len(chunk["token_ids"])
+        self.last_request["cached_tokens"] = chunk.get("num_cached_tokens", 0)
+        if "prefix_cache" in chunk:
+            self.prefix_cache = chunk["prefix_cache"]
 
     def _stalled(self, engine: EngineProcess, rid, err: Exception) -> None:
         """The engine made no progress within the step bound: kill it (a stopped or
@@ -278,6 +283,7 @@ class LLMReplica:
             "requests_served": self.requests_served,
             "tokens_generated": self.tokens_generated,
             "last_request": dict(self.last_request),
+            "prefix_cache": self.prefix_cache,  # hits, cached (prefill-saved) tokens, blocks, bytes, budget
         }
 
     def check_health(self) -> None:
