@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     pard = (PardSpecDecodeConfig(model_name_or_path=a.draft, num_speculative_tokens=a.k, speculation_schedule=a.schedule)
             if a.draft else None)
     t0 = time.perf_counter()
-    llm = LLMModel(a.target, dtype=a.dtype, pard_config=pard, num_threads=a.threads)
+    # no prefix cache: prompts repeat (warm-up, references), and the peers re-read them
+    llm = LLMModel(a.target, dtype=a.dtype, pard_config=pard, num_threads=a.threads, prefix_cache_gb=0)
     load_s = time.perf_counter() - t0
     prompts = [p for p in Path(a.prompts).read_text(encoding="utf-8").split("\n\n") if p.strip()]
     sampling = SamplingConfig(max_new_tokens=a.max_new_tokens, return_text=False)

@@ -199,7 +199,9 @@ def main(argv=None) -> int:
     prompts = load_prompts(a.prompts, a.num_prompts)
     print(f"loading {target} + {draft} ({a.dtype}, {a.threads} threads), {len(prompts)} prompts x "
           f"{a.max_new_tokens} tokens, K in {ks}", file=sys.stderr)
-    llm = LLMModel(target, dtype=a.dtype, pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=max(ks)))
+    # no prefix cache: prompts repeat (warm-up, references), and the peers re-read them
+    llm = LLMModel(target, dtype=a.dtype, prefix_cache_gb=0,
+                   pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=max(ks)))
     # transformers variants get their own stock copies (the engine re-lays out its weights)
     from transformers import AutoModelForCausalLM
 

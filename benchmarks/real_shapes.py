@@ -253,7 +253,8 @@ def measure(shape: str, dtype: str, threads: int, a, cache: Path) -> dict:
     draft_shape, draft_layers = DRAFTS[shape]
     draft = build(draft_shape, cache) if draft_shape else build(shape, cache, draft_layers, target)
     log(f"{shape} ({dtype}, {threads} threads): target {target.name}, draft {draft.name}")
-    llm = LLMModel(str(target), dtype=dtype, num_threads=threads,
+    # no prefix cache: prompts repeat (warm-up, references), and the peers re-read them
+    llm = LLMModel(str(target), dtype=dtype, num_threads=threads, prefix_cache_gb=0,
                    pard_config=PardSpecDecodeConfig(model_name_or_path=str(draft), num_speculative_tokens=a.k,
                                                     speculation_schedule="fixed"))
     bandwidth = read_bandwidth_gbs(threads)
