@@ -9,6 +9,7 @@ import logging
 import os
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from pace_core.loading import ModelLoadError, resolve_model_path
 from pace_core.numa import SLOT_RESOURCE
@@ -58,7 +59,12 @@ def build_app(args: AppArgs) -> Application:
         scaling = {"autoscaling_config": args.autoscaling.model_dump()}
     else:
         scaling = {"num_replicas": args.num_replicas}
-    replica = LLMReplica.options(ray_actor_options=actor_options, **scaling).bind(replica_args)
+    routing = {}  # power_of_two: Serve's default request router
+    if args.routing == "cache_aware":  # the Router's handle sends requests where their prefix is cached
+        routing["request_router_config"] = RequestRouterConfig(
+            request_router_class="deployments.routing.CacheAwareRouter",
+            request_router_kwargs={"affinity_wait_s": args.affinity_wait_s})
+    replica = LLMReplica.options(ray_actor_options=actor_options, **scaling, **routing).bind(replica_args)
     router = Router.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
     return router.bind(replica, args.model_dump())
 

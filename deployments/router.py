@@ -153,6 +153,13 @@ class _HeaderLimit:
 app.add_middleware(_HeaderLimit)
 
 
+def _session(session_id) -> dict:
+    """A request's session key, for cache-aware routing (deployments.routing): over HTTP
+    the X-Session-ID header, else the body's OpenAI ``user`` field; a handle call's
+    ``session_id=``. {} when none."""
+    return {"session_id": str(session_id)} if session_id else {}
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -298,7 +305,8 @@ class Router:
         e2e = time.perf_counter() - t0
         stats = out.get("stats") or {}
         ttft = e2e - (stats.get("total_time_s", 0) - stats.get("time_to_first_token_s", 0))
-        self.metrics.generation_done(out["num_prompt_tokens"], len(out["token_ids"]), stats, ttft, e2e)
+        self.metrics.generation_done(out["num_prompt_tokens"], len(out["token_ids"]), stats, ttft, e2e,
+                                     out.get("num_cached_tokens", 0))
         return out
 
     async def _open_stream(self, request: dict):
@@ -360,7 +368,7 @@ class Router:
                 gen.cancel()
             self._release()
             self.metrics.generation_done(first["num_prompt_tokens"], n_tokens, last.get("stats"), ttft,
-                                         time.perf_counter() - t0)
+                                         time.perf_counter() - t0, first.get("num_cached_tokens", 0))
 
     # ------------------------------------------------------------------ HTTP
     @app.get("/health")
@@ -406,6 +414,8 @@ class Router:
             self._check_model(body.model)
             prompts = body.prompts()
             common = {**self._sampling(body), "request_id": rid}
+            if len(prompts) == 1:  # several prompts are siblings, not one session's turns
+                common.update(_session(request.headers.get("x-session-id") or body.user))
             model = self.model_name
             if body.stream:
                 if len(prompts) != 1:
@@ -427,7 +437,8 @@ class Router:
             body = await _parse(request, ChatCompletionRequest, self.args.max_request_bytes)
             body.refuse_unsupported()
             self._check_model(body.model)
-            req = {"messages": body.plain_messages(), **self._sampling(body), "request_id": rid}
+            req = {"messages": body.plain_messages(), **self._sampling(body), "request_id": rid,
+                   **_session(request.headers.get("x-session-id") or body.user)}
             model = self.model_name
             if body.stream:
                 return await self._stream_response("chat", rid, req, body)
@@ -480,7 +491,8 @@ class Router:
         yield piece("", finish)
         if include_usage:
             obj = "chat.completion.chunk" if chat else "text_completion"
-            yield _sse(usage_chunk(rid, model, created, obj, first["num_prompt_tokens"], n))
+            yield _sse(usage_chunk(rid, model, created, obj, first["num_prompt_tokens"], n,
+                                   first.get("num_cached_tokens", 0)))
         yield "data: [DONE]\n\n"
 
     # ------------------------------------------------------------------ Python handle methods
@@ -499,17 +511,20 @@ class Router:
             raise ValueError(f"sampling must be a SamplingConfig or a dict of its fields (got {type(sampling).__name__})")
         return dict(sampling)
 
-    async def generate(self, prompt, sampling=None) -> dict:
+    async def generate(self, prompt, sampling=None, session_id=None) -> dict:
         """handle.generate.remote("def f():", {"max_new_tokens": 32}) -> {"text", "token_ids",
-        "finish_reason", "num_prompt_tokens", "stats"}. Raises ValueError on bad input."""
+        "finish_reason", "num_prompt_tokens", "stats"}. Raises ValueError on bad input.
+        ``session_id`` (every method): requests with one go to the same replica when it is free."""
         try:
-            return await self._generate({"prompt": prompt, "sampling": self._sampling_dict(sampling)})
+            return await self._generate({"prompt": prompt, "sampling": self._sampling_dict(sampling),
+                                         **_session(session_id)})
         except APIError as err:
             raise _handle_error(err) from None
 
-    async def chat(self, messages: list[dict], sampling=None) -> dict:
+    async def chat(self, messages: list[dict], sampling=None, session_id=None) -> dict:
         try:
-            return await self._generate({"messages": self._messages(messages), "sampling": self._sampling_dict(sampling)})
+            return await self._generate({"messages": self._messages(messages), "sampling": self._sampling_dict(sampling),
+                                         **_session(session_id)})
         except APIError as err:
             raise _handle_error(err) from None
 
@@ -521,13 +536,15 @@ class Router:
         except ValidationError as err:
             raise _validation_error([{**e, "loc": ("messages", *e["loc"])} for e in err.errors()]) from None
 
-    async def generate_stream(self, prompt, sampling=None):
+    async def generate_stream(self, prompt, sampling=None, session_id=None):
         """handle.options(stream=True).generate_stream.remote(prompt, sampling): yields chunk dicts."""
-        async for chunk in self._stream_handle({"prompt": prompt, "sampling": self._sampling_dict(sampling)}):
+        async for chunk in self._stream_handle({"prompt": prompt, "sampling": self._sampling_dict(sampling),
+                                                **_session(session_id)}):
             yield chunk
 
-    async def chat_stream(self, messages: list[dict], sampling=None):
-        async for chunk in self._stream_handle({"messages": messages, "sampling": self._sampling_dict(sampling)}):
+    async def chat_stream(self, messages: list[dict], sampling=None, session_id=None):
+        async for chunk in self._stream_handle({"messages": messages, "sampling": self._sampling_dict(sampling),
+                                                **_session(session_id)}):
             yield chunk
 
     async def _stream_handle(self, request: dict):
