@@ -13,6 +13,7 @@ _EXPORTS = {
     "GenerationStats": ".llm",
     "StreamChunk": ".llm",
     "RequestError": ".llm",
+    "PreparedRequest": ".llm",
     "PardSpecDecodeConfig": ".configs",
     "SamplingConfig": ".configs",
     "ModelConfig": ".configs",

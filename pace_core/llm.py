@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
 from .configs import ModelConfig, PardSpecDecodeConfig, SamplingConfig
 from .decoder import decode
+from .outputs import GenerationOutput, GenerationStats, StreamChunk
 from .loading import (
     ModelLoadError,
     check_same_tokenizer,
@@ -28,7 +29,8 @@ from .stopping import OutputBuilder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LLMModel", "PardSpecDecodeConfig", "SamplingConfig", "GenerationOutput", "GenerationStats", "StreamChunk"]
+__all__ = ["LLMModel", "PardSpecDecodeConfig", "SamplingConfig", "GenerationOutput", "GenerationStats", "StreamChunk",
+           "PreparedRequest"]
 
 
 class RequestError(ValueError):
@@ -36,68 +38,11 @@ class RequestError(ValueError):
 
 
 @dataclass
-class GenerationStats:
-    steps: int = 0
-    tokens_per_step: list[int] = field(default_factory=list)  # tokens emitted per step (incl. correction)
-    drafts_proposed_per_step: list[int] = field(default_factory=list)  # draft tokens proposed (K of the step; 0: plain)
-    drafts_accepted_per_step: list[int] = field(default_factory=list)  # of those, accepted by the target (bonus apart)
-    step_end_s: list[float] = field(default_factory=list)  # when each step's tokens were out, since the start
-    draft_time_s: float = 0.0
-    target_time_s: float = 0.0
-    time_to_first_token_s: float = 0.0
-    total_time_s: float = 0.0
-    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not prefilled)
+class PreparedRequest:
+    """A request checked by :meth:`LLMModel.prepare`, ready to :meth:`LLMModel.run`."""
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.tokens_per_step)
-
-    @property
-    def mean_accepted_length(self) -> float:
-        return self.num_tokens / self.steps if self.steps else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.num_tokens / self.total_time_s if self.total_time_s > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "steps": self.steps,
-            "tokens_per_step": list(self.tokens_per_step),
-            "drafts_proposed_per_step": list(self.drafts_proposed_per_step),
-            "drafts_accepted_per_step": list(self.drafts_accepted_per_step),
-            "step_end_s": list(self.step_end_s),
-            "mean_accepted_length": self.mean_accepted_length,
-            "draft_time_s": self.draft_time_s,
-            "target_time_s": self.target_time_s,
-            "time_to_first_token_s": self.time_to_first_token_s,
-            "total_time_s": self.total_time_s,
-            "tokens_per_s": self.tokens_per_s,
-            "num_cached_tokens": self.num_cached_tokens,
-        }
-
-
-@dataclass
-class StreamChunk:
-    token_ids: list[int]  # new tokens in this chunk
-    text: str  # new text (UTF-8 safe; empty when return_text=False)
-    finish_reason: str | None  # "stop" / "length" on the last chunk
-    stats: GenerationStats  # running stats (final on the last chunk)
-    logprobs: list[dict] | None = None  # per token, when asked (SamplingConfig.logprobs): see LLMModel
-
-
-@dataclass
-class GenerationOutput:
-    text: str | None
-    token_ids: list[int]
-    finish_reason: str
-    prompt_token_ids: list[int]
-    stats: GenerationStats
-    logprobs: list[dict] | None = None  # per token, when asked (SamplingConfig.logprobs): see LLMModel
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+    prompt_ids: list[int]
+    sampling: SamplingConfig  # the settings it runs with: the model's defaults filled in
 
 
 class LLMModel:
@@ -252,11 +197,25 @@ class LLMModel:
             ids = ids["input_ids"]
         return list(ids)
 
-    def check_request(self, prompt_ids: list[int], sampling: SamplingConfig) -> SamplingConfig:
-        """Raise RequestError for what this model cannot do, before any work; return the
-        settings the request runs with (the model's defaults for the fields it leaves unset)."""
-        sampling = sampling.with_defaults(self.sampling_defaults)
+    def prepare(self, prompt: str | Sequence[int] | None = None, sampling_config: SamplingConfig | dict | None = None,
+                *, messages: list[dict] | None = None, fit_context: bool = False) -> PreparedRequest:
+        """Everything that can be wrong with a request, checked before any generation:
+        the prompt encoded (or the chat ``messages`` templated), the sampling settings
+        validated with the model's defaults for the fields left unset, the context and
+        vocabulary limits. Raises :class:`RequestError` (a ValueError; a dict of bad
+        sampling fields: pydantic's ValidationError, also a ValueError).
+        ``fit_context``: lower ``max_new_tokens`` to the room the context leaves (a server's
+        default length, as vLLM does) instead of refusing the request."""
+        if (prompt is None) == (messages is None):
+            raise RequestError("give either a prompt or chat messages")
+        prompt_ids = self.apply_chat_template(messages) if messages is not None else self.encode(prompt)
+        if isinstance(sampling_config, dict):
+            sampling_config = SamplingConfig(**sampling_config)
+        sampling = (sampling_config or SamplingConfig()).with_defaults(self.sampling_defaults)
         for name, limit in (("target", self.max_context), ("draft", self.draft_context if self.draft else None)):
+            if limit and fit_context and len(prompt_ids) < limit:
+                sampling = sampling.model_copy(update={"max_new_tokens": min(sampling.max_new_tokens,
+                                                                             limit - len(prompt_ids))})
             if limit and len(prompt_ids) + sampling.max_new_tokens > limit:
                 raise RequestError(
                     f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the {name}'s "
@@ -266,100 +225,87 @@ class LLMModel:
         bad = [t for t in (sampling.logit_bias or {}) if t >= vocab]
         if bad:
             raise RequestError(f"logit_bias token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-        return sampling
+        return PreparedRequest(prompt_ids, sampling)
 
     # ---------------------------------------------------------------- generation
-    def stream(self, prompt: str | Sequence[int], sampling_config: SamplingConfig | None = None) -> Iterator[StreamChunk]:
-        """Yield chunks as they are accepted. Closing the generator stops generation
-        within the current step."""
-        sampling = sampling_config or SamplingConfig()
-        prompt_ids = self.encode(prompt)
-        yield from self._stream_ids(prompt_ids, sampling)
+    def run(self, request: PreparedRequest) -> Iterator[StreamChunk]:
+        """Generate for a prepared request, yielding chunks as tokens are accepted.
+        Closing the generator stops generation within the current step. One generation
+        at a time: the model has one KV cache (a second one while this one is open raises)."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this LLMModel is already generating (one generation at a time: it has one KV cache); "
+                               "finish or close the open stream first, or use one LLMModel per thread")
+        try:
+            yield from self._decode(request.prompt_ids, request.sampling)
+        finally:
+            self._lock.release()
 
-    def _stream_ids(self, prompt_ids: list[int], sampling: SamplingConfig) -> Iterator[StreamChunk]:
-        sampling = self.check_request(prompt_ids, sampling)
+    def _decode(self, prompt_ids: list[int], sampling: SamplingConfig) -> Iterator[StreamChunk]:
         stop_ids = (set() if sampling.ignore_eos else self.stop_token_ids) | set(sampling.stop_token_ids or ())
-        out = OutputBuilder(
-            self.tokenizer,
-            sampling.max_new_tokens,
-            stop_token_ids=stop_ids,
-            stop_strings=sampling.stop,
-            skip_special_tokens=sampling.skip_special_tokens,
-            want_text=sampling.return_text,
-        )
+        out = OutputBuilder(self.tokenizer, sampling.max_new_tokens, stop_token_ids=stop_ids, stop_strings=sampling.stop,
+                            skip_special_tokens=sampling.skip_special_tokens, want_text=sampling.return_text)
         stats = GenerationStats()
-        with self._lock:
-            t0 = time.perf_counter()
-            sampler = Sampler(sampling, prompt_ids, self.target.vocab_limit, stop_ids)
-            cached = self.prefix_cache.load(prompt_ids, self._runners) if self.prefix_cache else 0
-            stats.num_cached_tokens = cached
-            steps = decode(self.target, prompt_ids, sampling.max_new_tokens, self.draft,
-                           self.num_speculative_tokens, self.pard_token, sampler,
-                           adaptive=self.speculation_schedule == "adaptive", cached=cached)
-            sequence = list(prompt_ids)  # every token the runners have been given, in order
-            completed = False
-            try:
-                for step in steps:
-                    sequence += step.tokens
-                    delta = out.add(step.tokens)
-                    stats.steps += 1
-                    stats.tokens_per_step.append(len(delta.token_ids))
-                    stats.drafts_proposed_per_step.append(step.num_proposed)
-                    stats.drafts_accepted_per_step.append(len(step.tokens) - 1)  # the last is the correction or bonus
-                    stats.draft_time_s += step.draft_s
-                    stats.target_time_s += step.target_s
-                    stats.total_time_s = time.perf_counter() - t0
-                    stats.step_end_s.append(stats.total_time_s)
-                    if stats.steps == 1:
-                        stats.time_to_first_token_s = stats.total_time_s
-                    if delta.token_ids or delta.text or delta.finish_reason:
-                        logprobs = None
-                        if step.logprobs is not None:  # the tokens the output kept are a prefix of the step's
-                            logprobs = self._logprob_dicts(step.logprobs[: len(delta.token_ids)])
-                        yield StreamChunk(delta.token_ids, delta.text, delta.finish_reason, stats, logprobs)
-                    if delta.finish_reason:
-                        completed = True
-                        return
-                completed = True
-            except GeneratorExit:  # the caller stopped between steps: the runners are consistent
-                completed = True
-                raise
-            finally:
-                steps.close()
-                if self.prefix_cache and completed:  # not after a failure mid-forward
-                    self.prefix_cache.store(sequence, self._runners)
+        t0 = time.perf_counter()
+        sampler = Sampler(sampling, prompt_ids, self.target.vocab_limit, stop_ids)
+        cached = self.prefix_cache.load(prompt_ids, self._runners) if self.prefix_cache else 0
+        stats.num_cached_tokens = cached
+        steps = decode(self.target, prompt_ids, sampling.max_new_tokens, self.draft, self.num_speculative_tokens,
+                       self.pard_token, sampler, adaptive=self.speculation_schedule == "adaptive", cached=cached)
+        sequence = list(prompt_ids)  # every token the runners have been given, in order
+        failed = False  # a failure mid-forward leaves the runners' caches unfit to keep
+        try:
+            for step in steps:
+                sequence += step.tokens
+                chunk = out.add(step.tokens)
+                stats.steps += 1
+                stats.tokens_per_step.append(len(chunk.token_ids))
+                stats.drafts_proposed_per_step.append(step.num_proposed)
+                stats.drafts_accepted_per_step.append(len(step.tokens) - 1)  # the last is the correction or bonus
+                stats.draft_time_s += step.draft_s
+                stats.target_time_s += step.target_s
+                stats.total_time_s = time.perf_counter() - t0
+                stats.step_end_s.append(stats.total_time_s)
+                if stats.steps == 1:
+                    stats.time_to_first_token_s = stats.total_time_s
+                if chunk.token_ids or chunk.text or chunk.finish_reason:
+                    chunk.stats, chunk.num_prompt_tokens = stats, len(prompt_ids)
+                    if step.logprobs is not None:  # the tokens the output kept are a prefix of the step's
+                        chunk.logprobs = self._logprob_dicts(step.logprobs[: len(chunk.token_ids)])
+                    yield chunk
+                if chunk.finish_reason:
+                    return
+        except GeneratorExit:  # closed at a yield: between steps, the caches are whole
+            raise
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            steps.close()
+            if self.prefix_cache and not failed:
+                self.prefix_cache.store(sequence, self._runners)
+
+    def stream(self, prompt: str | Sequence[int], sampling_config: SamplingConfig | None = None) -> Iterator[StreamChunk]:
+        """Chunks as they are accepted (request errors raise here, before any chunk).
+        Closing the iterator stops generation within the current step."""
+        return self.run(self.prepare(prompt, sampling_config))
 
     def generate(self, prompt: str | Sequence[int] | list[str], sampling_config: SamplingConfig | None = None):
         """Generate for one prompt (text or token ids); a list of strings gives a list of outputs."""
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
             return [self.generate(p, sampling_config) for p in prompt]
-        sampling = sampling_config or SamplingConfig()
-        prompt_ids = self.encode(prompt)
-        return self._collect(prompt_ids, sampling)
+        return self.collect(self.prepare(prompt, sampling_config))
 
     def chat(self, messages: list[dict], sampling_config: SamplingConfig | None = None, stream: bool = False):
         """Apply the tokenizer's chat template, then generate (or stream)."""
-        sampling = sampling_config or SamplingConfig()
-        prompt_ids = self.apply_chat_template(messages)
-        return self._stream_ids(prompt_ids, sampling) if stream else self._collect(prompt_ids, sampling)
+        request = self.prepare(messages=messages, sampling_config=sampling_config)
+        return self.run(request) if stream else self.collect(request)
 
-    def _collect(self, prompt_ids: list[int], sampling: SamplingConfig) -> GenerationOutput:
-        token_ids: list[int] = []
-        text: list[str] = []
-        logprobs: list[dict] = []
-        chunk = None
-        for chunk in self._stream_ids(prompt_ids, sampling):
-            token_ids += chunk.token_ids
-            text.append(chunk.text)
-            logprobs += chunk.logprobs or []
-        return GenerationOutput(
-            text="".join(text) if sampling.return_text else None,
-            token_ids=token_ids,
-            finish_reason=chunk.finish_reason,
-            prompt_token_ids=prompt_ids,
-            stats=chunk.stats,
-            logprobs=logprobs if chunk.logprobs is not None else None,
-        )
+    def collect(self, request: PreparedRequest) -> GenerationOutput:
+        """The whole output of a prepared request."""
+        whole = StreamChunk.join(list(self.run(request)))
+        return GenerationOutput(text=whole.text if request.sampling.return_text else None, token_ids=whole.token_ids,
+                                finish_reason=whole.finish_reason, prompt_token_ids=request.prompt_ids,
+                                stats=whole.stats, logprobs=whole.logprobs)
 
     def _logprob_dicts(self, entries) -> list[dict]:
         """Token logprobs as plain dicts, with each token's text (its own decoding: a

@@ -4,15 +4,7 @@ text deltas are UTF-8 safe and never show a possible stop-string prefix too earl
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass
-class Delta:
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None  # "stop", "length" or None while running
-
+from .outputs import StreamChunk
 
 class OutputBuilder:
     def __init__(
@@ -40,7 +32,7 @@ class OutputBuilder:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False)
 
-    def add(self, chunk: list[int]) -> Delta:
+    def add(self, chunk: list[int]) -> StreamChunk:
         """Take one accepted chunk; return what is new for the caller."""
         assert self.finish_reason is None, "output already finished"
         start = len(self.token_ids)
@@ -56,7 +48,7 @@ class OutputBuilder:
             self._detokenize()
             self._find_stop_string(start)
         new_ids = self.token_ids[start:]
-        return Delta(new_ids, self._text_delta() if self.want_text else "", self.finish_reason)
+        return StreamChunk(new_ids, self._text_delta() if self.want_text else "", self.finish_reason)
 
     def _detokenize(self) -> None:
         """Append the text of the new tokens, decoding only a short window (O(1) per

@@ -445,3 +445,31 @@ def test_reduced_draft_vocabulary_keeps_the_output(tiny_pairs):
 
     args = AppArgs(target=target, draft=draft, draft_vocab_size=100).model_dump()
     assert load_model(args).draft.vocab_limit == 100
+
+
+def test_request_errors_raise_before_any_stream_opens(plain_model):
+    """prepare() checks everything a request can get wrong; stream() and chat(stream=True)
+    raise at the call, not at the first next()."""
+    from pace_core import RequestError
+
+    with pytest.raises(RequestError, match="empty"):
+        plain_model.stream("")
+    with pytest.raises(RequestError, match="context length"):
+        plain_model.stream("x", SamplingConfig(max_new_tokens=10 ** 6))
+    with pytest.raises(ValueError, match="temperature"):
+        plain_model.prepare("x", {"temperature": -1})
+    request = plain_model.prepare("def f(x):", {"max_new_tokens": 8, "ignore_eos": True})
+    assert request.prompt_ids == plain_model.encode("def f(x):") and request.sampling.max_new_tokens == 8
+    assert plain_model.collect(request).token_ids == plain_model.generate("def f(x):", request.sampling).token_ids
+    # fit_context: a default length is lowered to the room the context leaves
+    room = plain_model.max_context - len(request.prompt_ids)
+    assert plain_model.prepare("def f(x):", {"max_new_tokens": 10 ** 6}, fit_context=True).sampling.max_new_tokens == room
+
+
+def test_one_generation_at_a_time_and_a_closed_stream_frees_the_model(plain_model):
+    stream = plain_model.stream(PROMPTS[0], SamplingConfig(max_new_tokens=50, ignore_eos=True))
+    next(stream)
+    with pytest.raises(RuntimeError, match="one generation at a time"):
+        plain_model.generate(PROMPTS[1], SamplingConfig(max_new_tokens=4))
+    stream.close()
+    assert len(plain_model.generate(PROMPTS[1], SamplingConfig(max_new_tokens=4, ignore_eos=True)).token_ids) == 4
