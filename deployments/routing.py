@@ -144,17 +144,16 @@ class CacheAwareRouter(RequestRouter):
 
     def initialize_state(self, affinity_wait_s: float = 0.5, max_keys: int = 100_000):
         self.policy = AffinityPolicy(affinity_wait_s, max_keys)
-        self._keys: OrderedDict[str, Keys] = OrderedDict()  # of requests being routed, by internal id
 
-    def _request_keys(self, pending_request: PendingRequest | None) -> Keys:
+    @staticmethod
+    def _request_keys(pending_request: PendingRequest | None) -> Keys:
         if pending_request is None or not pending_request.args:
             return Keys(None, [])
-        rid = pending_request.metadata.internal_request_id
-        keys = self._keys.get(rid)
-        if keys is None:  # computed once per request, not at every retry
-            keys = self._keys[rid] = request_keys(pending_request.args[0])
-            while len(self._keys) > 1024:  # requests cancelled while routing leave theirs
-                self._keys.popitem(last=False)
+        # computed once per request, not at every routing attempt; kept on the request
+        # itself: calls made while serving one request share its internal request id
+        keys = getattr(pending_request, "_pace_routing_keys", None)
+        if keys is None:
+            keys = pending_request._pace_routing_keys = request_keys(pending_request.args[0])
         return keys
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -169,11 +168,25 @@ class CacheAwareRouter(RequestRouter):
         ranks = self.policy.ranks(self._request_keys(pending_request), list(by_id), waited)
         return [[by_id[i] for i in rank] for rank in ranks]
 
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+        """The replica goes to the oldest pending request with the routed request's
+        internal id: that request, or a sibling (calls made while serving one request,
+        such as the prompts of one completion, share its id). Serve's default matches
+        through an index holding one request per id, so a sibling's replica went to no
+        one and its routing never ended; FIFOMixin would hand the replica to the oldest
+        request, whichever replica that one prefers."""
+        for pr in self._pending_requests_to_fulfill:
+            if (not pr.future.done() and request_metadata is not None
+                    and pr.metadata.internal_request_id == request_metadata.internal_request_id):
+                self._cancel_routing_task_for_pending_request(pr)
+                self._record_queue_wait_time(pr)
+                pr.future.set_result(replica)
+                self._remove_pending_request_from_indices(pr)
+                self._pending_requests_to_fulfill.remove(pr)
+                return
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
-        keys = self._request_keys(pending_request)
-        if pending_request is not None:
-            self._keys.pop(pending_request.metadata.internal_request_id, None)
-        self.policy.record(keys, replica_id)
+        self.policy.record(self._request_keys(pending_request), replica_id)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         gone = set(self._replica_id_set) - {r.replica_id for r in replicas}

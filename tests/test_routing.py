@@ -252,3 +252,6 @@ def test_http_session_keys_reach_the_routing(two_replicas):
                 assert took(route, payload, headers) > WAIT * 0.9, (route, payload, headers)
             finally:
                 stop()
+        # the prompts of one completion are calls sharing one internal request id: all are served
+        r = client.post("/v1/completions", json={"prompt": ["a", "b", "c", "d"], "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 4
