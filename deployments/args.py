@@ -82,6 +82,10 @@ class AppArgs(BaseModel):
     # the sampling fields of the target's generation_config.json are the defaults of
     # requests that leave them out (as transformers and vLLM); false: greedy defaults
     generation_config_defaults: bool = True
+    # memory per replica for the KV of prompt prefixes it served (reused by later prompts
+    # that start the same way: README, Prefix caching); None: 5% of the host's memory, at
+    # most 4 GiB; 0: no prefix cache
+    prefix_cache_gb: float | None = Field(None, ge=0)
     # cache_aware: a request goes to the replica holding its prompt's prefix or session (deployments.routing)
     routing: Literal["cache_aware", "power_of_two"] = "cache_aware"
     # cache_aware: how long a request waits for its busy preferred replica before another takes it

@@ -13,7 +13,7 @@ request early (after the current step). No model math happens on the replica's s
     engine.send(("generate", request))            # then engine.recv() until ("end", ...)
 
 Messages from the engine: ("ready", info), ("load_error", message),
-("chunk", dict), ("user_error", message), ("end", error message or None).
+("chunk", pace_core.outputs.StreamChunk), ("user_error", message), ("end", error message or None).
 
 Nothing a request carries can end the engine process: a request that fails in any
 way is answered with ("user_error", ...) (a ValueError: the client's mistake) or
@@ -161,29 +161,15 @@ def _describe(model, pinned: dict) -> dict:
     }
 
 
-def _prepare(model, request: dict):
-    """Prompt ids and sampling config of a request; ValueError for a user error."""
-    from pace_core import SamplingConfig
-
-    if request.get("messages") is not None:
-        prompt_ids = model.apply_chat_template(request["messages"])
-    else:
-        prompt_ids = model.encode(request["prompt"])
-    fields = dict(request.get("sampling", {}))
-    room = (model.max_context or 1 << 30) - len(prompt_ids)
-    if request.get("max_tokens_is_default") and room > 0:
-        fields["max_new_tokens"] = min(fields.get("max_new_tokens", room), room)  # as vLLM: fit the context
-    sampling = SamplingConfig(**fields)
-    model.check_request(prompt_ids, sampling)
-    return prompt_ids, sampling
-
-
 def _serve_request(model, conn: Connection, request) -> None:
-    """Answer one request; whatever it holds, the engine survives it (a Rust panic in a
-    tokenizer is a BaseException, hence the wide catch)."""
+    """Answer one request: ("user_error", message) if it cannot be served as asked, else
+    its chunks, then ("end", None or an error message). Whatever the request holds, the
+    engine survives it (a Rust panic in a tokenizer is a BaseException, hence the wide
+    catches)."""
     rid = request.get("request_id") if isinstance(request, dict) else None
     try:
-        prompt_ids, sampling = _prepare(model, request)
+        prepared = model.prepare(request.get("prompt"), request.get("sampling") or {}, messages=request.get("messages"),
+                                 fit_context=bool(request.get("max_tokens_is_default")))
     except USER_ERRORS as err:
         conn.send(("user_error", error_message(err)))
         return
@@ -194,19 +180,12 @@ def _serve_request(model, conn: Connection, request) -> None:
         conn.send(("end", "the request could not be prepared"))
         return
     error = None
-    chunks = None
+    chunks = model.run(prepared)
     try:
-        chunks = model.stream(prompt_ids, sampling)
         for chunk in chunks:
-            out = {"text": chunk.text, "token_ids": chunk.token_ids, "finish_reason": chunk.finish_reason,
-                   "num_prompt_tokens": len(prompt_ids), "num_cached_tokens": chunk.stats.num_cached_tokens}
-            if chunk.logprobs is not None:
-                out["logprobs"] = chunk.logprobs
             if chunk.finish_reason:
-                out["stats"] = chunk.stats.to_dict()
-                out["engine_pid"] = os.getpid()
-                out["prefix_cache"] = model.prefix_cache_stats()
-            conn.send(("chunk", out))
+                chunk.engine = {"engine_pid": os.getpid(), "prefix_cache": model.prefix_cache_stats()}
+            conn.send(("chunk", chunk))
             if conn.poll():  # the only message that can arrive mid-request is "stop"
                 conn.recv()
                 break
@@ -216,8 +195,7 @@ def _serve_request(model, conn: Connection, request) -> None:
         logger.exception("request %s failed in the engine", rid)
         error = f"{type(err).__name__}: {err}"
     finally:
-        if chunks is not None:
-            chunks.close()
+        chunks.close()
     conn.send(("end", error))
 
 

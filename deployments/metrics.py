@@ -6,6 +6,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from pace_core.outputs import GenerationStats
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ACCEPTED_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)  # draft tokens; K is at most 32
 
@@ -60,12 +62,12 @@ class Metrics:
     def stream_error(self) -> None:
         self._stream_errors.inc()
 
-    def generation_done(self, prompt_tokens: int, tokens: int, stats: dict | None, ttft: float | None,
+    def generation_done(self, prompt_tokens: int, tokens: int, stats: GenerationStats | None, ttft: float | None,
                         e2e: float, cached_tokens: int = 0) -> None:
         """One generation's counts; ``stats`` (the engine's, on a finished generation's
         last chunk) gives the per-step acceptance and the per-token ITL; ``cached_tokens``
         the prompt tokens whose KV the replica's prefix cache held."""
-        stats = stats or {}
+        stats = stats or GenerationStats()
         self._prompt.inc(prompt_tokens)
         self._cache_queries.inc()
         self._cached.inc(cached_tokens)
@@ -74,8 +76,8 @@ class Metrics:
         if cached_tokens:
             self._cache_hits.inc()
         self._generated.inc(tokens)
-        self._decode_steps.inc(stats.get("steps", 0))
-        per_step = zip(stats.get("drafts_proposed_per_step", ()), stats.get("drafts_accepted_per_step", ()))
+        self._decode_steps.inc(stats.steps)
+        per_step = zip(stats.drafts_proposed_per_step, stats.drafts_accepted_per_step)
         for proposed, accepted in per_step:
             if proposed:
                 self.accepted.observe(accepted)
@@ -85,7 +87,7 @@ class Metrics:
         if ttft is not None:
             self.ttft.observe(ttft)
         emitted, previous = 0, 0.0
-        for end, n in zip(stats.get("step_end_s", ()), stats.get("tokens_per_step", ())):
+        for end, n in zip(stats.step_end_s, stats.tokens_per_step):
             for i in range(n):
                 if emitted:
                     self.itl.observe(end - previous if i == 0 else 0.0)

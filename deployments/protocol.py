@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from pace_core.configs import MAX_LOGPROBS
+from pace_core.outputs import StreamChunk
 
 
 class APIError(Exception):
@@ -242,22 +243,22 @@ def chat_logprobs(entries: list[dict] | None) -> dict | None:
     return {"content": [{**item(e), "top_logprobs": [item(a) for a in e["top_logprobs"]]} for e in entries]}
 
 
-def completion_body(rid: str, model: str, outputs: list[dict]) -> dict:
+def completion_body(rid: str, model: str, outputs: list[StreamChunk]) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": o["text"], "logprobs": completion_logprobs(o.get("logprobs")),
-                     "finish_reason": o["finish_reason"]} for i, o in enumerate(outputs)],
-        "usage": usage(sum(o["num_prompt_tokens"] for o in outputs), sum(len(o["token_ids"]) for o in outputs),
-                       sum(o.get("num_cached_tokens", 0) for o in outputs)),
+        "choices": [{"index": i, "text": o.text, "logprobs": completion_logprobs(o.logprobs),
+                     "finish_reason": o.finish_reason} for i, o in enumerate(outputs)],
+        "usage": usage(sum(o.num_prompt_tokens for o in outputs), sum(len(o.token_ids) for o in outputs),
+                       sum(o.num_cached_tokens for o in outputs)),
     }
 
 
-def chat_body(rid: str, model: str, out: dict) -> dict:
+def chat_body(rid: str, model: str, out: StreamChunk) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                     "logprobs": chat_logprobs(out.get("logprobs")), "finish_reason": out["finish_reason"]}],
-        "usage": usage(out["num_prompt_tokens"], len(out["token_ids"]), out.get("num_cached_tokens", 0)),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                     "logprobs": chat_logprobs(out.logprobs), "finish_reason": out.finish_reason}],
+        "usage": usage(out.num_prompt_tokens, len(out.token_ids), out.num_cached_tokens),
     }
 
 

@@ -28,19 +28,11 @@ import time
 
 from ray import serve
 
+from pace_core.outputs import StreamChunk
+
 from .engine_process import EngineError, EngineProcess, EngineStalled, EngineUnavailable
 
 logger = logging.getLogger("ray.serve")
-
-
-def join_chunks(chunks: list[dict]) -> dict:
-    """Consecutive chunks of one request as one: the last one's fields, with the text,
-    token ids (and logprobs, when the request asked for them) of all."""
-    out = {**chunks[-1], "text": "".join(c["text"] for c in chunks),
-           "token_ids": [t for c in chunks for t in c["token_ids"]]}
-    if "logprobs" in out:
-        out["logprobs"] = [e for c in chunks for e in c["logprobs"]]
-    return out
 
 
 async def _readable(fd: int) -> None:
@@ -153,9 +145,8 @@ class LLMReplica:
 
     # ------------------------------------------------------------------ requests
     async def stream(self, request: dict):
-        """Yield dicts: {"text", "token_ids", "finish_reason", "num_prompt_tokens"} as
-        tokens are accepted (chunks the transport had no time to send yet go out
-        together), the last with "stats"; a user error yields one {"error": ...}.
+        """Yield StreamChunks as tokens are accepted (chunks the transport had no time to
+        send yet go out together, joined); a user error yields one {"error": message}.
         Raises EngineUnavailable (nothing started: retry elsewhere) or EngineError (the
         engine died under this request)."""
         async with self._busy:
@@ -187,7 +178,7 @@ class LLMReplica:
                                 logger.error("request %s failed in the engine: %s", rid, payload)
                                 raise RuntimeError(f"request {rid} failed in the engine (see the replica's log)")
                     if chunks:
-                        yield join_chunks(chunks)
+                        yield StreamChunk.join(chunks)
             except EngineStalled as err:
                 ended = True
                 self._stalled(engine, rid, err)
@@ -215,13 +206,13 @@ class LLMReplica:
                         engine.close()
                 self.requests_served += 1
 
-    def _count(self, chunk: dict) -> None:
-        self.last_request["tokens"] += len(chunk["token_ids"])
-        self.last_request["finish_reason"] = chunk["finish_reason"]
-        self.tokens_generated += len(chunk["token_ids"])
-        self.last_request["cached_tokens"] = chunk.get("num_cached_tokens", 0)
-        if "prefix_cache" in chunk:
-            self.prefix_cache = chunk["prefix_cache"]
+    def _count(self, chunk: StreamChunk) -> None:
+        self.last_request["tokens"] += len(chunk.token_ids)
+        self.last_request["finish_reason"] = chunk.finish_reason
+        self.last_request["cached_tokens"] = chunk.num_cached_tokens
+        self.tokens_generated += len(chunk.token_ids)
+        if chunk.engine:
+            self.prefix_cache = chunk.engine["prefix_cache"]
 
     def _stalled(self, engine: EngineProcess, rid, err: Exception) -> None:
         """The engine made no progress within the step bound: kill it (a stopped or
@@ -264,14 +255,14 @@ class LLMReplica:
                 break
         return ready
 
-    async def generate(self, request: dict) -> dict:
-        """The whole output at once (same dict keys as the stream's chunks, joined)."""
+    async def generate(self, request: dict):
+        """The whole output at once: one StreamChunk (or the {"error": message} of a user error)."""
         chunks = []
         async for chunk in self.stream(request):
-            if "error" in chunk:
+            if isinstance(chunk, dict):
                 return chunk
             chunks.append(chunk)
-        return join_chunks(chunks)
+        return StreamChunk.join(chunks)
 
     def info(self) -> dict:
         return {

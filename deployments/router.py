@@ -14,7 +14,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.context import _set_request_context
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pace_core.outputs import StreamChunk
 
 from . import NODE_ENV
 from .args import AppArgs
@@ -262,11 +265,11 @@ class Router:
                                request["request_id"], type(err).__name__)
                 await asyncio.sleep(0.1 * 3 ** attempt)
 
-    async def _generate(self, request: dict) -> dict:
+    async def _generate(self, request: dict) -> StreamChunk:
         """One unary generation on a free replica; raises APIError on user errors."""
         return (await self._generate_all([request]))[0]
 
-    async def _generate_all(self, requests: list[dict]) -> list[dict]:
+    async def _generate_all(self, requests: list[dict]) -> list[StreamChunk]:
         """Unary generations, admitted as a whole or not at all, run on free replicas at
         once. The first failure (a user error in one of them, a server fault) and a
         cancellation (the client went away) cancel the others at once: their replicas
@@ -288,7 +291,12 @@ class Router:
             await asyncio.gather(*tasks, return_exceptions=True)
             self._release(len(requests))
 
-    async def _generate_one(self, request: dict) -> dict:
+    async def _generate_one(self, request: dict) -> StreamChunk:
+        # the generations of a multi-prompt request run at once, each in its own task:
+        # each gets its own internal request id, which Serve's request routers match a
+        # chosen replica to the request by (siblings sharing their parent's id would
+        # leave all but one unrouted, for ever, under deployments.routing)
+        _set_request_context(_internal_request_id=request["request_id"])
         t0 = time.perf_counter()
 
         async def start():
@@ -300,13 +308,12 @@ class Router:
                 raise
 
         out = await self._until_started(request, start)
-        if "error" in out:
+        if isinstance(out, dict):  # a user error
             raise APIError(400, out["error"])
         e2e = time.perf_counter() - t0
-        stats = out.get("stats") or {}
-        ttft = e2e - (stats.get("total_time_s", 0) - stats.get("time_to_first_token_s", 0))
-        self.metrics.generation_done(out["num_prompt_tokens"], len(out["token_ids"]), stats, ttft, e2e,
-                                     out.get("num_cached_tokens", 0))
+        ttft = e2e - (out.stats.total_time_s - out.stats.time_to_first_token_s)
+        self.metrics.generation_done(out.num_prompt_tokens, len(out.token_ids), out.stats, ttft, e2e,
+                                     out.num_cached_tokens)
         return out
 
     async def _open_stream(self, request: dict):
@@ -334,7 +341,7 @@ class Router:
             if isinstance(err, TimeoutError) and timeout.expired():
                 raise self._timed_out() from None
             raise
-        if "error" in first:
+        if isinstance(first, dict):  # a user error
             self._release()
             raise APIError(400, first["error"])
         return first, gen, t0, deadline
@@ -348,10 +355,10 @@ class Router:
         try:
             chunk = first
             while True:
-                n_tokens += len(chunk["token_ids"])
+                n_tokens += len(chunk.token_ids)
                 last = chunk
                 yield chunk
-                if chunk["finish_reason"]:
+                if chunk.finish_reason:
                     break
                 try:
                     async with asyncio.timeout_at(deadline) as timeout:
@@ -367,8 +374,8 @@ class Router:
             if not done:
                 gen.cancel()
             self._release()
-            self.metrics.generation_done(first["num_prompt_tokens"], n_tokens, last.get("stats"), ttft,
-                                         time.perf_counter() - t0, first.get("num_cached_tokens", 0))
+            self.metrics.generation_done(first.num_prompt_tokens, n_tokens, last.stats if last.finish_reason else None,
+                                         ttft, time.perf_counter() - t0, first.num_cached_tokens)
 
     # ------------------------------------------------------------------ HTTP
     @app.get("/health")
@@ -473,11 +480,11 @@ class Router:
             yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
         try:
             async for chunk in self._chunks(first, gen, t0, deadline):
-                n += len(chunk["token_ids"])
-                finish = chunk["finish_reason"]
-                if chunk["text"] or chunk.get("logprobs"):
-                    yield piece(chunk["text"], None, chunk.get("logprobs"))
-                    offset += sum(len(e["token"]) for e in chunk.get("logprobs") or ())
+                n += len(chunk.token_ids)
+                finish = chunk.finish_reason
+                if chunk.text or chunk.logprobs:
+                    yield piece(chunk.text, None, chunk.logprobs)
+                    offset += sum(len(e["token"]) for e in chunk.logprobs or ())
         except APIError as err:  # the deadline
             yield _sse(err.body())
             yield "data: [DONE]\n\n"
@@ -491,8 +498,7 @@ class Router:
         yield piece("", finish)
         if include_usage:
             obj = "chat.completion.chunk" if chat else "text_completion"
-            yield _sse(usage_chunk(rid, model, created, obj, first["num_prompt_tokens"], n,
-                                   first.get("num_cached_tokens", 0)))
+            yield _sse(usage_chunk(rid, model, created, obj, first.num_prompt_tokens, n, first.num_cached_tokens))
         yield "data: [DONE]\n\n"
 
     # ------------------------------------------------------------------ Python handle methods
@@ -516,15 +522,15 @@ class Router:
         "finish_reason", "num_prompt_tokens", "stats"}. Raises ValueError on bad input.
         ``session_id`` (every method): requests with one go to the same replica when it is free."""
         try:
-            return await self._generate({"prompt": prompt, "sampling": self._sampling_dict(sampling),
-                                         **_session(session_id)})
+            return (await self._generate({"prompt": prompt, "sampling": self._sampling_dict(sampling),
+                                          **_session(session_id)})).to_dict()
         except APIError as err:
             raise _handle_error(err) from None
 
     async def chat(self, messages: list[dict], sampling=None, session_id=None) -> dict:
         try:
-            return await self._generate({"messages": self._messages(messages), "sampling": self._sampling_dict(sampling),
-                                         **_session(session_id)})
+            return (await self._generate({"messages": self._messages(messages),
+                                          "sampling": self._sampling_dict(sampling), **_session(session_id)})).to_dict()
         except APIError as err:
             raise _handle_error(err) from None
 
@@ -556,7 +562,7 @@ class Router:
             raise _handle_error(err) from None
         try:
             async for chunk in self._chunks(first, gen, t0, deadline):
-                yield chunk
+                yield chunk.to_dict()
         except APIError as err:
             raise _handle_error(err) from None
 

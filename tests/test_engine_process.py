@@ -38,8 +38,9 @@ def test_engine_process_streams_the_engines_tokens(tiny_pair):
         local = LLMModel(target, dtype="float32",
                          pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=4))
         expected = local.generate("def add(a, b):", SamplingConfig(max_new_tokens=40, ignore_eos=True))
-        assert [t for c in chunks for t in c["token_ids"]] == expected.token_ids
-        assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["stats"]["steps"] == len(chunks)
+        assert [t for c in chunks for t in c.token_ids] == expected.token_ids
+        assert chunks[-1].finish_reason == "length" and chunks[-1].stats.steps == len(chunks)
+        assert chunks[-1].engine["engine_pid"] == engine.pid and chunks[0].num_prompt_tokens == len(local.encode("def add(a, b):"))
 
         # a user error is a message, and the engine keeps serving
         kind, message = _run(engine, {"prompt": "x", "sampling": {"max_new_tokens": -1}})[-1]
@@ -49,7 +50,7 @@ def test_engine_process_streams_the_engines_tokens(tiny_pair):
         long = {"prompt": "x", "sampling": {"max_new_tokens": 400, "ignore_eos": True}}
         messages = _run(engine, long, stop_after=1)
         assert messages[-1] == ("end", None)
-        assert sum(len(p["token_ids"]) for k, p in messages if k == "chunk") < 60
+        assert sum(len(p.token_ids) for k, p in messages if k == "chunk") < 60
         assert [k for k, _ in _run(engine, request)][-1] == "end"  # and serves the next one
 
         os.kill(engine.pid, signal.SIGKILL)
@@ -115,6 +116,6 @@ def test_engine_survives_any_request(tiny_pair):
             assert kind in ("user_error", "end") and message, (request, kind, message)
             assert engine.alive()
         messages = _run(engine, {"prompt": "x", "sampling": {"max_new_tokens": 3, "ignore_eos": True}})
-        assert messages[-1] == ("end", None) and messages[-2][1]["engine_pid"] == engine.pid
+        assert messages[-1] == ("end", None) and messages[-2][1].engine["engine_pid"] == engine.pid
     finally:
         engine.close()

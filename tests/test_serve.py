@@ -703,7 +703,7 @@ def test_metrics_acceptance_per_step_bonus_apart_and_itl_per_token(engine):
     assert len(stats["drafts_proposed_per_step"]) == len(stats["drafts_accepted_per_step"]) == stats["steps"]
     assert sum(stats["drafts_accepted_per_step"]) + stats["steps"] == len(out.token_ids)  # max_new_tokens is never overshot
     metrics = Metrics("m")
-    metrics.generation_done(3, len(out.token_ids), stats, 0.01, 0.5)
+    metrics.generation_done(3, len(out.token_ids), out.stats, 0.01, 0.5)
     samples = {s.name: s.value for f in text_string_to_metric_families(metrics.render()[0].decode())
                for s in f.samples if s.labels.get("le") is None}
     speculative = [(p, a) for p, a in zip(stats["drafts_proposed_per_step"], stats["drafts_accepted_per_step"]) if p]
