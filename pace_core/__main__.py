@@ -10,6 +10,9 @@ import json
 import logging
 import sys
 import time
+from typing import get_args
+
+from .configs import DTYPE_NAMES, MAX_SPECULATIVE_TOKENS, ModelConfig, PardSpecDecodeConfig
 
 DEMO_TARGET = "models/demo-target"
 DEMO_DRAFT = "models/demo-draft"
@@ -23,8 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--target", default=DEMO_TARGET, help="target model directory or hub name (default: the demo target)")
     g.add_argument("--draft", default=DEMO_DRAFT, help="PARD draft directory or hub name; 'none' for plain decoding")
     g.add_argument("--tokenizer", default=None, help="tokenizer (default: the target's)")
-    g.add_argument("-k", "--num-speculative-tokens", type=int, default=8, help="tokens the draft proposes per step (1..32)")
-    g.add_argument("--speculation-schedule", default="adaptive", choices=["adaptive", "fixed"],
+    pard = PardSpecDecodeConfig.model_fields  # the defaults and choices are the engine's own
+    g.add_argument("-k", "--num-speculative-tokens", type=int, default=pard["num_speculative_tokens"].default,
+                   help=f"tokens the draft proposes per step (1..{MAX_SPECULATIVE_TOKENS}; default: %(default)s)")
+    g.add_argument("--speculation-schedule", default=pard["speculation_schedule"].default,
+                   choices=get_args(pard["speculation_schedule"].annotation),
                    help="adaptive: K is a cap, each step follows the recent acceptance; fixed: always K")
     g.add_argument("--pard-token", type=int, default=None, help="override the draft config's PARD token id")
     g.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
@@ -35,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="sampling seed (the same output every time)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+    g.add_argument("--dtype", default=ModelConfig.model_fields["dtype"].default, choices=DTYPE_NAMES,
                    help="weights' dtype (default: as stored in the checkpoint)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     g.add_argument("--stream", action="store_true", help="print text as it is accepted")
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from pydantic import ValidationError
 
-    from . import LLMModel, ModelLoadError, PardSpecDecodeConfig, RequestError, SamplingConfig
+    from . import LLMModel, ModelLoadError, RequestError, SamplingConfig
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:

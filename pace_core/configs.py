@@ -5,12 +5,16 @@ Validation errors name the field and the allowed range, e.g.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SPECULATIVE_TOKENS = 32
 MAX_LOGPROBS = 5  # most likely alternatives returned per token, as OpenAI's completions API
+# the weights' dtypes: the one list (pace_core.loading.DTYPES maps it to torch's, the
+# command line offers it); "auto": as stored in the checkpoint
+DType = Literal["auto", "bfloat16", "float32", "float16"]
+DTYPE_NAMES: tuple[str, ...] = get_args(DType)
 
 
 class PardSpecDecodeConfig(BaseModel):
@@ -243,13 +247,15 @@ class SamplingConfig(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    """Everything needed to build an LLMModel, as one validated object (used by the
-    deployments and the command line)."""
+    """Everything needed to build an LLMModel, as one validated object: the serving
+    app's ``model`` argument (deployments.args.AppArgs) is one, and the engine process
+    builds its model from it with :meth:`LLMModel.from_config`. ``pard_config=None``:
+    plain decoding."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model_name_or_path: str
-    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"  # auto: as stored in the checkpoint
+    dtype: DType = "auto"  # auto: as stored in the checkpoint
     tokenizer_name_or_path: str | None = None
     pard_config: PardSpecDecodeConfig | None = None
     trust_remote_code: bool = False

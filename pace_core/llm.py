@@ -125,6 +125,16 @@ class LLMModel:
         logger.info("loaded %s%s in %.1fs", cfg.model_name_or_path,
                     f" + PARD draft {cfg.pard_config.model_name_or_path}" if self.draft else "", time.perf_counter() - t0)
 
+    @classmethod
+    def from_config(cls, config: ModelConfig | dict, num_threads: int | None = None) -> "LLMModel":
+        """The model a :class:`ModelConfig` describes (a dict is validated into one), as
+        the serving engine builds it; ``num_threads``, when given, overrides the config's."""
+        config = ModelConfig.model_validate(config)
+        fields = config.model_dump(exclude={"pard_config"})
+        if num_threads is not None:
+            fields["num_threads"] = num_threads
+        return cls(pard_config=config.pard_config, **fields)
+
     def _load_draft(self, pard: PardSpecDecodeConfig) -> None:
         cfg = self.config
         draft = load_causal_lm(pard.model_name_or_path, cfg.dtype, cfg.trust_remote_code)

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
+from .configs import DTYPE_NAMES
+
 logger = logging.getLogger(__name__)
 
-DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DTYPES = {name: name if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES}  # configs.DType's names
 PARD_TOKEN_KEYS = ("pard_token", "mask_token_id", "ptd_token_id")
 
 
