@@ -46,15 +46,16 @@ def main(argv=None) -> int:
 
     from deployments.app import build_app
     from deployments.args import AppArgs
-    from deployments.engine_process import load_model
-    from pace_core import SamplingConfig
+    from pace_core import LLMModel, ModelConfig, PardSpecDecodeConfig, SamplingConfig
 
     args = AppArgs(num_replicas=1, cores_per_slot=1, stream_interval_ms=a.stream_interval_ms)
     if a.smoke:
         from pace_core.testing import build_pair
 
         target, draft = build_pair(tempfile.mkdtemp(prefix="pace-smoke-"), "qwen2")
-        args = args.model_copy(update={"target": target, "draft": draft, "num_speculative_tokens": 3})
+        model = ModelConfig(model_name_or_path=target,
+                            pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=3))
+        args = args.model_copy(update={"model": model})
         a.pairs, a.max_tokens = 2, 8
     prompts = load_prompts(None if a.smoke else ROOT / "benchmarks" / "prompts" / "heldout.txt", 32)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         replica = serve.get_deployment_handle("LLMReplica", app_name="overhead")
         cpus = replica.info.remote().result()["cpu_affinity"]
         pool = ThreadPoolExecutor(1, initializer=lambda: os.sched_setaffinity(0, cpus))
-        llm = pool.submit(load_model, args.model_dump(), len(cpus)).result()
+        llm = pool.submit(LLMModel.from_config, args.model, len(cpus)).result()  # the replica's engine config
         sampling = SamplingConfig(max_new_tokens=a.max_tokens)
         ratios = {"streamed": [], "not streamed": []}
         for i in range(a.pairs + 1):

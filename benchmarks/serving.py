@@ -182,12 +182,13 @@ def http_vs_in_process(args, url, model, prompts, headers, pairs: int) -> dict:
     so machine drift hits both alike. Reports medians and the median paired ratio."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from deployments.engine_process import load_model
-    from pace_core import SamplingConfig
+    from deployments.args import AppArgs
+    from pace_core import LLMModel, SamplingConfig
 
     cpus = replica_cpus(args.app_args)
     pool = ThreadPoolExecutor(1, initializer=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
-    llm = pool.submit(load_model, args.app_args, len(cpus) if cpus else 1).result()
+    model_config = AppArgs.model_validate(args.app_args).model  # the replicas' engine config
+    llm = pool.submit(LLMModel.from_config, model_config, len(cpus) if cpus else 1).result()
 
     def engine(prompt: str) -> dict:
         t0 = time.perf_counter()
@@ -230,7 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--launch-replicas", default=None, help="e.g. 1,2: run `serve run` on serve_config.yaml per count")
     ap.add_argument("--config", type=Path, default=ROOT / "serve_config.yaml")
     ap.add_argument("--app-arg", action="append", default=[], metavar="KEY=VALUE",
-                    help="override an app argument of --config for launched servers, e.g. stream_interval_ms=0")
+                    help="override an app argument of --config for launched servers, e.g. stream_interval_ms=0 "
+                         "or model.dtype=bfloat16")
     ap.add_argument("--in-process", action="store_true",
                     help="also measure HTTP + Serve against the engine in-process, interleaved, at concurrency 1 "
                          "(with the first server, ideally 1 replica)")
@@ -250,7 +252,9 @@ def main(argv=None) -> int:
         from pace_core.testing import build_pair
 
         target, draft = build_pair(tempfile.mkdtemp(prefix="pace-smoke-"), "qwen2")
-        config["applications"][0]["args"].update(target=target, draft=draft, num_speculative_tokens=3, dtype="float32")
+        config["applications"][0]["args"]["model"] = {
+            "model_name_or_path": target, "dtype": "float32",
+            "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 3}}
         args.launch_replicas, args.concurrency, args.requests, args.max_tokens = "1", "1,2", 4, 48
         args.in_process, args.prompts, args.pairs = True, None, 3
         args.url = "http://127.0.0.1:8765"

@@ -3,7 +3,12 @@ calls ``build_app(args)``; Serve validates the args dict into :class:`AppArgs`, 
 argument fails at deploy time with a message naming the field.
 
     from deployments.app import build_app
-    serve.run(build_app(AppArgs(target="models/demo-target", num_replicas=2)), name="pace")
+    model = ModelConfig(model_name_or_path="models/demo-target", dtype="float32",
+                        pard_config=PardSpecDecodeConfig(model_name_or_path="models/demo-draft"))
+    serve.run(build_app(AppArgs(model=model, num_replicas=2)), name="pace")
+
+The replicas receive the validated AppArgs, with the model's paths resolved, and hand
+``args.model`` (the ModelConfig itself) to their engine processes.
 """
 import logging
 import os
@@ -11,6 +16,7 @@ import os
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from pace_core.configs import ModelConfig
 from pace_core.loading import ModelLoadError, resolve_model_path
 from pace_core.numa import SLOT_RESOURCE
 
@@ -33,20 +39,29 @@ def _slot_resource_wanted(args: AppArgs) -> bool:
         return False
 
 
+def _resolved(model: ModelConfig) -> ModelConfig:
+    """``model`` with its paths resolved now: a typo fails the deploy, not every replica start."""
+    def resolve(field: str, value: str) -> str:
+        try:
+            return resolve_model_path(value)
+        except ModelLoadError as err:
+            raise ValueError(f"model.{field}: {err}") from None
+
+    update: dict = {"model_name_or_path": resolve("model_name_or_path", model.model_name_or_path)}
+    if model.tokenizer_name_or_path:
+        update["tokenizer_name_or_path"] = resolve("tokenizer_name_or_path", model.tokenizer_name_or_path)
+    if model.pard_config is not None:
+        draft = resolve("pard_config.model_name_or_path", model.pard_config.model_name_or_path)
+        update["pard_config"] = model.pard_config.model_copy(update={"model_name_or_path": draft})
+    return model.model_copy(update=update)
+
+
 def build_app(args: AppArgs) -> Application:
     if not isinstance(args, AppArgs):
         args = AppArgs(**(args or {}))
-    # check the paths now: a typo fails the deploy, not every replica start
-    resolved = {}
-    for field in ("target", "draft", "tokenizer"):
-        value = getattr(args, field)
-        if value:
-            try:
-                resolved[field] = resolve_model_path(value)
-            except ModelLoadError as err:
-                raise ValueError(f"{field}: {err}") from None
     args.resolved_api_key()  # an unreadable api_key_file fails the deploy (the router reads it again)
-    replica_args = {**args.model_dump(exclude={"api_key_file", "autoscaling"}), **resolved}
+    # the replicas' arguments: the same AppArgs, paths resolved (the key file is the router's)
+    replica_args = args.model_copy(update={"model": _resolved(args.model), "api_key_file": None})
 
     runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in REPLICA_ENV.items()}}
     actor_options: dict = {"num_cpus": args.cores_per_slot or 1, "runtime_env": runtime_env}
@@ -69,4 +84,4 @@ def build_app(args: AppArgs) -> Application:
     return router.bind(replica, args.model_dump())
 
 
-app = build_app  # `serve run deployments.app:app target=...` also works
+app = build_app  # `serve run deployments.app:app model.model_name_or_path=... model.pard_config=null` also works

@@ -1,5 +1,11 @@
 """The application's arguments: one pydantic model, validated by Serve when the app is
-built, so a bad argument fails at deploy time with a message naming the field."""
+built, so a bad argument fails at deploy time with a message naming the field.
+
+The engine's own configuration is not declared again here: ``model`` is a
+:class:`pace_core.configs.ModelConfig` (target, dtype, tokenizer, its ``pard_config``
+and the rest), the very object the replica hands to its engine process, which builds
+the model with ``LLMModel.from_config``; each default and allowed value lives there.
+Only the serving fields are flat."""
 from __future__ import annotations
 
 import os
@@ -7,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pace_core.configs import MAX_SPECULATIVE_TOKENS
+from pace_core.configs import ModelConfig, PardSpecDecodeConfig
 
 
 class AutoscalingArgs(BaseModel):
@@ -33,19 +39,61 @@ class AutoscalingArgs(BaseModel):
 
 API_KEY_ENV = "PACE_API_KEY"
 
+# the engine's fields that were flat app arguments, and where each lives now
+MOVED = {
+    "target": "model.model_name_or_path",
+    "draft": "model.pard_config.model_name_or_path (model.pard_config: null for plain decoding)",
+    "num_speculative_tokens": "model.pard_config.num_speculative_tokens",
+    "speculation_schedule": "model.pard_config.speculation_schedule",
+    "pard_token": "model.pard_config.pard_token",
+    "draft_vocab_size": "model.pard_config.draft_vocab_size",
+    "dtype": "model.dtype",
+    "tokenizer": "model.tokenizer_name_or_path",
+    "trust_remote_code": "model.trust_remote_code",
+    "generation_config_defaults": "model.generation_config_defaults",
+    "prefix_cache_gb": "model.prefix_cache_gb",
+}
+
+
+def demo_model() -> ModelConfig:
+    """The bundled demo pair, the default ``model``."""
+    return ModelConfig(model_name_or_path="models/demo-target",
+                       pard_config=PardSpecDecodeConfig(model_name_or_path="models/demo-draft"))
+
+
+def _expand_dotted(data: dict, defaults: dict) -> dict:
+    """``{"model.dtype": "float32"}`` -> ``{"model": {..., "dtype": "float32"}}``, over
+    the value given (or, absent, the default) of each parent: ``serve run
+    deployments.app:app model.pard_config.num_speculative_tokens=4`` passes strings,
+    where "none"/"null" mean None."""
+    data = dict(data)
+    for key in [k for k in data if isinstance(k, str) and "." in k]:
+        value = data.pop(key)
+        if isinstance(value, str) and value.strip().lower() in ("none", "null"):
+            value = None
+        *parents, leaf = key.split(".")
+        node, node_defaults = data, defaults
+        for name in parents:
+            child = node.get(name, node_defaults.get(name) if isinstance(node_defaults, dict) else None)
+            if isinstance(child, BaseModel):
+                child = child.model_dump(exclude_unset=True)
+            node_defaults = node_defaults.get(name) if isinstance(node_defaults, dict) else None
+            node[name] = child = dict(child or {})
+            node = child
+        node[leaf] = value
+    return data
+
 
 class AppArgs(BaseModel):
     # no argument's value in error messages: Serve logs them, and a value may be a secret
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
-    target: str = "models/demo-target"
-    draft: str | None = "models/demo-draft"  # None: plain decoding
-    num_speculative_tokens: int = 8  # the cap when speculation_schedule is adaptive
-    speculation_schedule: Literal["adaptive", "fixed"] = "adaptive"
-    pard_token: int | None = None
-    draft_vocab_size: int | None = Field(None, ge=2)  # the draft proposes among the first N ids only
-    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"  # auto: as stored in the checkpoint
-    tokenizer: str | None = None
+    # the engine's model, as LLMModel.from_config takes it (pace_core.configs.ModelConfig):
+    # model_name_or_path, dtype, tokenizer_name_or_path, trust_remote_code,
+    # generation_config_defaults, prefix_cache_gb, runner, and pard_config (the PARD draft:
+    # model_name_or_path, num_speculative_tokens, speculation_schedule, pard_token,
+    # draft_vocab_size; null: plain decoding). Relative paths resolve against the project.
+    model: ModelConfig = Field(default_factory=demo_model)
     served_model_name: str = "pace-demo"
     num_replicas: int = Field(2, ge=1)
     autoscaling: AutoscalingArgs | None = None
@@ -78,14 +126,6 @@ class AppArgs(BaseModel):
     # this file (an absolute path, read by the router): never in the app arguments, which
     # Serve logs and stores in plain text (see _no_literal_api_key)
     api_key_file: str | None = None
-    trust_remote_code: bool = False
-    # the sampling fields of the target's generation_config.json are the defaults of
-    # requests that leave them out (as transformers and vLLM); false: greedy defaults
-    generation_config_defaults: bool = True
-    # memory per replica for the KV of prompt prefixes it served (reused by later prompts
-    # that start the same way: README, Prefix caching); None: 5% of the host's memory, at
-    # most 4 GiB; 0: no prefix cache
-    prefix_cache_gb: float | None = Field(None, ge=0)
     # cache_aware: a request goes to the replica holding its prompt's prefix or session (deployments.routing)
     routing: Literal["cache_aware", "power_of_two"] = "cache_aware"
     # cache_aware: how long a request waits for its busy preferred replica before another takes it
@@ -104,25 +144,25 @@ class AppArgs(BaseModel):
                              "variable where Ray runs, or name a file holding the key with api_key_file")
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_fields(cls, data):
+        """The engine's fields live in ``model``: a flat one (the old form) fails naming
+        its place, rather than as an unknown argument; dotted keys are expanded."""
+        if not isinstance(data, dict):
+            return data
+        moved = [f"{key} moved: use {MOVED[key]}" for key in data if key in MOVED]
+        if moved:
+            raise ValueError("; ".join(moved) + " (the engine's settings are the `model` argument, a "
+                             "pace_core ModelConfig: README, App arguments)")
+        return _expand_dotted(data, {"model": demo_model().model_dump()})
+
     @field_validator("api_key_file")
     @classmethod
     def _key_file(cls, v: str | None) -> str | None:
         if v is not None and not os.path.isabs(v):
             raise ValueError("api_key_file must be an absolute path (got a relative one)")
         return v
-
-    @field_validator("num_speculative_tokens")
-    @classmethod
-    def _k(cls, v: int) -> int:
-        if not 1 <= v <= MAX_SPECULATIVE_TOKENS:
-            raise ValueError(f"num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS} (got {v}); "
-                             "set draft: null for plain decoding")
-        return v
-
-    @field_validator("draft", "tokenizer", mode="before")
-    @classmethod
-    def _none_strings(cls, v):
-        return None if isinstance(v, str) and v.strip().lower() in ("", "none", "null") else v
 
     @field_validator("served_model_name")
     @classmethod

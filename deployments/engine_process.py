@@ -9,7 +9,7 @@ slot, and talks to the replica over a socket pair: the replica sends a request, 
 engine sends back its chunks as they are accepted, and a ``stop`` message ends a
 request early (after the current step). No model math happens on the replica's side.
 
-    engine = EngineProcess(app_args, slot)        # loads the model, raises ModelLoadError
+    engine = EngineProcess(app_args.model, slot)  # LLMModel.from_config(model); raises ModelLoadError
     engine.send(("generate", request))            # then engine.recv() until ("end", ...)
 
 Messages from the engine: ("ready", info), ("load_error", message),
@@ -32,29 +32,13 @@ import subprocess
 import sys
 from multiprocessing.connection import Connection
 
+from pace_core.configs import ModelConfig
+
 from . import NICENESS_ENV
 
 logger = logging.getLogger("ray.serve")
 
 USER_ERRORS = (ValueError,)  # RequestError, pydantic ValidationError and ModelLoadError are ValueErrors
-
-
-def load_model(args: dict, num_threads: int | None = None):
-    """The LLMModel a replica serves, from the app arguments (``AppArgs`` as a dict);
-    the benchmarks build their in-process engine with it too."""
-    from pace_core import LLMModel, PardSpecDecodeConfig
-
-    pard = None
-    if args.get("draft"):
-        pard = PardSpecDecodeConfig(model_name_or_path=args["draft"], pard_token=args.get("pard_token"),
-                                    num_speculative_tokens=args.get("num_speculative_tokens", 8),
-                                    speculation_schedule=args.get("speculation_schedule", "adaptive"),
-                                    draft_vocab_size=args.get("draft_vocab_size"))
-    return LLMModel(args["target"], dtype=args.get("dtype", "auto"), pard_config=pard,
-                    tokenizer_name_or_path=args.get("tokenizer"), num_threads=num_threads,
-                    trust_remote_code=args.get("trust_remote_code", False),
-                    generation_config_defaults=args.get("generation_config_defaults", True),
-                    prefix_cache_gb=args.get("prefix_cache_gb"))
 
 
 class EngineError(RuntimeError):
@@ -74,7 +58,8 @@ class EngineProcess:
     """Start the engine process and (unless ``wait=False``) wait until its model is
     loaded; with ``wait=False`` call :meth:`wait_ready` once :meth:`fileno` is readable."""
 
-    def __init__(self, args: dict, slot=None, wait: bool = True):
+    def __init__(self, model: ModelConfig | dict, slot=None, wait: bool = True):
+        model = ModelConfig.model_validate(model)  # the app argument ``model``; a dict is validated here
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "deployments.engine_process", str(theirs.fileno())],
@@ -82,7 +67,7 @@ class EngineProcess:
         theirs.close()
         self.conn = Connection(ours.detach())
         self.info: dict = {}  # once loaded: pid, model description, pinning
-        self.send((args, slot))
+        self.send((model, slot))
         if wait:
             self.wait_ready()
 
@@ -228,14 +213,16 @@ def main(fd: int) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(process)d %(levelname)s %(message)s")
     conn = Connection(fd)
-    args, slot = conn.recv()
+    model_config, slot = conn.recv()
     pinned: dict = {"priority": raise_priority()}
     try:
         if slot is not None:
             from pace_core.numa import pin_to_slot
 
             pinned.update(pin_to_slot(slot))  # before loading: first touch places the weights in the slot's memory
-        model = load_model(args)
+        from pace_core import LLMModel
+
+        model = LLMModel.from_config(model_config)
     except Exception as err:
         conn.send(("load_error", f"{type(err).__name__}: {err}"))
         return

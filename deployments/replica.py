@@ -30,6 +30,7 @@ from ray import serve
 
 from pace_core.outputs import StreamChunk
 
+from .args import AppArgs
 from .engine_process import EngineError, EngineProcess, EngineStalled, EngineUnavailable
 
 logger = logging.getLogger("ray.serve")
@@ -54,14 +55,16 @@ class LLMReplica:
     step_timeout_s: float | None = None  # the engine's liveness bound (app argument engine_step_timeout_s)
     stalled: str | None = None  # why this replica is going away
 
-    async def __init__(self, args: dict):
+    async def __init__(self, args: AppArgs | dict):
         from pace_core.numa import claim_slot, pinning_enabled
+
+        args = AppArgs.model_validate(args)  # build_app passes the validated AppArgs itself
 
         # the slot is claimed (locked) here, for as long as this actor lives; the
         # engine process pins itself to it before loading (first touch then places the
         # weights in the slot's memory), and so does a restarted engine
-        pin = args.get("pin", True) and pinning_enabled()
-        self.slot = claim_slot(cores_per_slot=args.get("cores_per_slot")) if pin else None
+        pin = args.pin and pinning_enabled()
+        self.slot = claim_slot(cores_per_slot=args.cores_per_slot) if pin else None
         self.args = args
         self.engine: EngineProcess | None = None
         self.engine_starts = 0
@@ -77,15 +80,15 @@ class LLMReplica:
             self.slot.affinity = self.engine.info["cpu_affinity"]
             self.slot.torch_threads = self.engine.info["torch_threads"]
             self.slot.membind = self.engine.info.get("membind") or self.slot.membind
-        self.stream_interval_s = args.get("stream_interval_ms", 0) / 1000
-        self.step_timeout_s = args.get("engine_step_timeout_s")
+        self.stream_interval_s = args.stream_interval_ms / 1000
+        self.step_timeout_s = args.engine_step_timeout_s
         self.requests_served = 0
         self.tokens_generated = 0
         self.last_request: dict = {}  # tokens generated and finish reason of the latest request
         # the engine's prefix-cache stats (as of its latest request; None: no cache)
         self.prefix_cache: dict | None = self.engine.info.get("prefix_cache")
         logger.info("replica pid %d: engine pid %d loaded %s in %.1fs; slot %s", os.getpid(), self.engine.pid,
-                    args["target"], self.load_s, self.slot.to_dict() if self.slot else "none (not pinned)")
+                    args.model.model_name_or_path, self.load_s, self.slot.to_dict() if self.slot else "none (not pinned)")
 
     # ------------------------------------------------------------------ the engine's life
     async def _start_engine(self) -> None:
@@ -93,7 +96,7 @@ class LLMReplica:
         The process is started from the loop's thread, which lives as long as the
         replica (the engine's parent-death signal follows the thread that started it)."""
         t0 = time.perf_counter()
-        engine = EngineProcess(self.args, self.slot.slot if self.slot else None, wait=False)
+        engine = EngineProcess(self.args.model, self.slot.slot if self.slot else None, wait=False)
         try:
             await _readable(engine.fileno())
             engine.wait_ready()

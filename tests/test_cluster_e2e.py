@@ -33,8 +33,9 @@ def deploy(tiny_pair, **args):
     from deployments.args import AppArgs
 
     target, draft = tiny_pair
-    app_args = AppArgs(target=str(target), draft=str(draft), num_speculative_tokens=4,
-                       dtype="float32", served_model_name="tiny", cores_per_slot=None, **args)
+    model = {"model_name_or_path": str(target), "dtype": "float32",
+             "pard_config": {"model_name_or_path": str(draft), "num_speculative_tokens": 4}}
+    app_args = AppArgs(model=model, served_model_name="tiny", cores_per_slot=None, **args)
     return _run(build_app(app_args), name=APP, route_prefix=None, _blocking=False)
 
 

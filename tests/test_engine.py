@@ -439,12 +439,12 @@ def test_reduced_draft_vocabulary_keeps_the_output(tiny_pairs):
     assert out.token_ids == hf_greedy(model, ids, 30)[: len(out.token_ids)]
     with pytest.raises(ValueError, match="draft_vocab_size"):
         PardSpecDecodeConfig(model_name_or_path=draft, draft_vocab_size=1)
-    # the app argument of the same name reaches the replica's engine
+    # the app argument's model.pard_config.draft_vocab_size reaches the replica's engine
     from deployments.args import AppArgs
-    from deployments.engine_process import load_model
 
-    args = AppArgs(target=target, draft=draft, draft_vocab_size=100).model_dump()
-    assert load_model(args).draft.vocab_limit == 100
+    args = AppArgs(model={"model_name_or_path": target, "pard_config": {"model_name_or_path": draft,
+                                                                          "draft_vocab_size": 100}})
+    assert LLMModel.from_config(args.model).draft.vocab_limit == 100
 
 
 def test_request_errors_raise_before_any_stream_opens(plain_model):

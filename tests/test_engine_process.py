@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from deployments.engine_process import EngineError, EngineProcess
-from pace_core import LLMModel, PardSpecDecodeConfig, SamplingConfig
+from pace_core import LLMModel, ModelConfig, PardSpecDecodeConfig, SamplingConfig
 from pace_core.loading import ModelLoadError
 
 
@@ -26,8 +26,9 @@ def _run(engine: EngineProcess, request: dict, stop_after: int | None = None) ->
 
 def test_engine_process_streams_the_engines_tokens(tiny_pair):
     target, draft = tiny_pair
-    args = {"target": target, "draft": draft, "num_speculative_tokens": 4, "dtype": "float32"}
-    engine = EngineProcess(args)
+    model = ModelConfig(model_name_or_path=target, dtype="float32",
+                        pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=4))
+    engine = EngineProcess(model)  # the app argument ``model``, as the replica passes it
     try:
         assert engine.info["pid"] == engine.pid != os.getpid()
         assert engine.info["num_speculative_tokens"] == 4 and engine.info["dtype"] == "float32"
@@ -64,7 +65,7 @@ def test_engine_process_streams_the_engines_tokens(tiny_pair):
 
 def test_engine_process_load_error_names_the_problem(tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
-        EngineProcess({"target": str(tmp_path)})  # a directory without a model
+        EngineProcess({"model_name_or_path": str(tmp_path)})  # a directory without a model (a dict: validated)
 
 
 def test_engine_raises_its_priority_from_rays_worker_niceness():
@@ -106,7 +107,8 @@ def test_engine_survives_any_request(tiny_pair):
     as an error (a tokenizer's TypeError for a lone surrogate, garbage payloads), and
     the same engine process serves the next request."""
     target, draft = tiny_pair
-    engine = EngineProcess({"target": target, "draft": draft, "num_speculative_tokens": 2, "dtype": "float32"})
+    engine = EngineProcess({"model_name_or_path": target, "dtype": "float32",
+                            "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 2}})
     try:
         for request in ({"prompt": "abc\ud800def", "request_id": "r1"},
                         {"messages": [{"role": "user", "content": "\udfff"}]},

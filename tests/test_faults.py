@@ -32,8 +32,9 @@ def handle(tiny_pair):
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="pace-faults-test")
     serve.start(proxy_location="Disabled")
     try:
-        yield serve.run(build_app({"target": target, "draft": draft, "num_speculative_tokens": 3, "dtype": "float32",
-                                   "num_replicas": 2, "max_queued_requests": 16}), name="pace", route_prefix=None)
+        model = {"model_name_or_path": target, "dtype": "float32",
+                 "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 3}}
+        yield serve.run(build_app({"model": model, "num_replicas": 2, "max_queued_requests": 16}), name="pace", route_prefix=None)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -117,7 +117,8 @@ def test_build_app_sets_the_replicas_request_router(tiny_pair, routing):
     from deployments.app import build_app
 
     target, draft = tiny_pair
-    app = build_app({"target": target, "draft": draft, "slot_resource": "never", "routing": routing,
+    app = build_app({"model": {"model_name_or_path": target, "pard_config": {"model_name_or_path": draft}},
+                     "slot_resource": "never", "routing": routing,
                      "affinity_wait_s": 0.25})
     replicas = app._bound_deployment.init_args[0]._bound_deployment  # Router.bind(replica, args)
     config = replicas._deployment_config.request_router_config
@@ -152,7 +153,7 @@ def two_replicas(tmp_path_factory):
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = {"target": target, "draft": None, "dtype": "float32", "num_replicas": 2, "cores_per_slot": 1,
+        args = {"model": {"model_name_or_path": target, "dtype": "float32"}, "num_replicas": 2, "cores_per_slot": 1,
                 "pin": False, "slot_resource": "never", "affinity_wait_s": WAIT}
         yield serve.run(build_app(args), name="routing", route_prefix="/"), f"http://127.0.0.1:{port}"
     finally:

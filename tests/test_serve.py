@@ -62,7 +62,8 @@ def server(tiny_pair, tmp_path_factory):
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="pace-serve-test")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = {"target": target, "draft": draft, "num_speculative_tokens": 3, "dtype": "float32"}
+    common = {"model": {"model_name_or_path": target, "dtype": "float32",
+                        "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 3}}}
     handle = serve.run(build_app({**common, "num_replicas": 2, "max_queued_requests": 6}), name="pace", route_prefix="/")
     one = {"name": "one", "route_prefix": "/one", "import_path": "deployments.app:build_app",
            "args": {**common, "num_replicas": 1, "api_key_file": str(key_file), "served_model_name": "one"}}
@@ -381,16 +382,17 @@ def test_literal_api_key_is_refused_without_repeating_it(tiny_pair, tmp_path, mo
     from deployments.args import AppArgs
 
     target, draft = tiny_pair
+    model = {"model_name_or_path": target, "pard_config": {"model_name_or_path": draft}}
     secret = "sk-literal-secret-123"
     with pytest.raises(ValueError) as err:
-        call_user_app_builder_with_args_if_necessary(build_app, {"target": target, "draft": draft, "api_key": secret})
+        call_user_app_builder_with_args_if_necessary(build_app, {"model": model, "api_key": secret})
     assert "PACE_API_KEY" in str(err.value) and "api_key_file" in str(err.value) and secret not in str(err.value)
     with pytest.raises(ValueError) as err:  # a bad value elsewhere does not print the arguments either
-        AppArgs(target=target, api_key_file=secret)
+        AppArgs(model={"model_name_or_path": target}, api_key_file=secret)
     assert "absolute path" in str(err.value) and secret not in str(err.value)
     missing = tmp_path / "no-key"
     with pytest.raises(ValueError, match="api_key_file .*no-key: cannot read it"):
-        build_app({"target": target, "draft": draft, "api_key_file": str(missing)})
+        build_app({"model": model, "api_key_file": str(missing)})
     key_file = tmp_path / "key"
     key_file.write_text(f"{secret}\n")
     monkeypatch.setenv("PACE_API_KEY", "from-env")
@@ -610,20 +612,77 @@ def test_sampling_through_handle_calls_with_amd_pace_names(server, engine):
 
 # ----------------------------------------------------------------------------- deploy-time validation
 @pytest.mark.parametrize("args,needle", [
-    ({"num_speculative_tokens": 40}, "num_speculative_tokens must be in 1..32"),
-    ({"target": "/no/such/model"}, "target"),
-    ({"draft": "/no/such/draft"}, "draft"),
+    ({"model.pard_config.num_speculative_tokens": 40}, "num_speculative_tokens must be in 1..32"),
+    ({"model.model_name_or_path": "/no/such/model"}, r"model\.model_name_or_path: model path '/no/such/model'"),
+    ({"model.pard_config.model_name_or_path": "/no/such/draft"}, r"model\.pard_config\.model_name_or_path: "),
+    ({"model.tokenizer_name_or_path": "/no/such/tokenizer"}, r"model\.tokenizer_name_or_path: "),
     ({"num_replicas": 0}, "num_replicas"),
-    ({"dtype": "int4"}, "dtype"),
+    ({"model.dtype": "int4"}, "dtype"),
+    ({"model": {"model_name_or_path": "m", "speculative": 1}}, "speculative"),  # the engine's config forbids extras
     ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
     ({"unknown_option": 1}, "unknown_option"),
+    # the engine's fields that were flat arguments name their new place
+    ({"target": "/x"}, r"target moved: use model\.model_name_or_path"),
+    ({"draft": None}, r"draft moved: use model\.pard_config\.model_name_or_path \(model\.pard_config: null"),
+    ({"num_speculative_tokens": 8}, r"num_speculative_tokens moved: use model\.pard_config\.num_speculative_tokens"),
+    ({"dtype": "float32"}, r"dtype moved: use model\.dtype"),
+    ({"prefix_cache_gb": 0}, r"prefix_cache_gb moved: use model\.prefix_cache_gb"),
 ])
 def test_bad_app_args_fail_at_build_time(tiny_pair, args, needle):
     from deployments.app import build_app
 
     target, draft = tiny_pair
     with pytest.raises(ValueError, match=needle):
-        build_app({"target": target, "draft": draft, **args})
+        build_app({"model": {"model_name_or_path": target, "pard_config": {"model_name_or_path": draft}}, **args})
+
+
+def test_old_flat_app_args_fail_as_serve_builds_them(tiny_pair):
+    """A config of the old flat form fails as Serve builds the app, with each moved key's
+    new place, not a generic extra-field error."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from deployments.app import build_app
+
+    target, draft = tiny_pair
+    with pytest.raises(ValueError) as err:
+        call_user_app_builder_with_args_if_necessary(build_app, {"target": target, "draft": draft,
+                                                                 "num_speculative_tokens": 8, "served_model_name": "x"})
+    message = str(err.value)
+    assert "target moved: use model.model_name_or_path" in message
+    assert "draft moved: use model.pard_config.model_name_or_path" in message
+    assert "num_speculative_tokens moved: use model.pard_config.num_speculative_tokens" in message
+    assert "extra" not in message.lower()
+
+
+def test_app_args_carry_the_engines_own_config(tiny_pair):
+    """One declaration: ``model`` is the engine's ModelConfig (its defaults, K's among
+    them, are PardSpecDecodeConfig's), dotted keys set its fields, and the replicas get
+    the validated AppArgs whose ``model`` is the object their engine builds from (paths
+    resolved)."""
+    from deployments.app import build_app
+    from deployments.args import AppArgs
+    from pace_core.configs import ModelConfig, PardSpecDecodeConfig
+
+    target, draft = tiny_pair
+    default = AppArgs()
+    assert isinstance(default.model, ModelConfig) and default.model.model_name_or_path == "models/demo-target"
+    assert default.model.pard_config.num_speculative_tokens == PardSpecDecodeConfig.model_fields[
+        "num_speculative_tokens"].default
+    dotted = AppArgs(**{"model.dtype": "float32", "model.pard_config.num_speculative_tokens": "4"})
+    assert dotted.model.dtype == "float32" and dotted.model.pard_config.num_speculative_tokens == 4
+    assert dotted.model.pard_config.model_name_or_path == "models/demo-draft"  # over the default model
+    assert AppArgs(**{"model.pard_config": "null"}).model.pard_config is None  # as `serve run` passes it
+    assert AppArgs(**default.model_dump()) == default  # the router's copy
+
+    rel = os.path.relpath(target)  # resolved to an absolute path at build time
+    app = build_app({"model": {"model_name_or_path": rel, "dtype": "float32",
+                               "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 5}},
+                     "slot_resource": "never"})
+    (replica_args,) = app._bound_deployment.init_args[0]._bound_deployment.init_args
+    assert isinstance(replica_args, AppArgs) and isinstance(replica_args.model, ModelConfig)
+    assert replica_args.model.model_name_or_path == str(Path(target).resolve())
+    assert replica_args.model.pard_config.model_name_or_path == str(Path(draft).resolve())
+    assert replica_args.model.pard_config.num_speculative_tokens == 5 and replica_args.model.dtype == "float32"
 
 
 @pytest.mark.slow

@@ -36,7 +36,8 @@ def server(tiny_pair):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = {"target": target, "draft": draft, "num_speculative_tokens": 3, "dtype": "float32", "num_replicas": 1}
+    common = {"model": {"model_name_or_path": target, "dtype": "float32",
+                        "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 3}}, "num_replicas": 1}
     serve.run(build_app({**common, "engine_step_timeout_s": STEP_TIMEOUT_S, "served_model_name": "stall"}),
               name="stall", route_prefix="/stall")
     serve.run(build_app({**common, "request_timeout_s": REQUEST_TIMEOUT_S, "served_model_name": "timed"}),
