@@ -102,7 +102,8 @@ class AppArgs(BaseModel):
     # when the cluster advertises it
     slot_resource: Literal["auto", "always", "never"] = "auto"
     pin: bool = True  # claim a NUMA slot and pin each replica to it
-    max_queued_requests: int = Field(16, ge=0)  # beyond replicas + this: 503
+    # requests waiting for a free replica (Serve's queue, at the router); beyond: 503
+    max_queued_requests: int = Field(16, ge=1)
     default_max_tokens: int = Field(256, ge=1)  # when a request gives no max_tokens
     # streaming: send accepted tokens at most every this many ms (0: every step); the
     # first token always goes at once
@@ -113,7 +114,7 @@ class AppArgs(BaseModel):
     max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024, le=3 * 1024 * 1024)
     max_prompt_chars: int = Field(1_000_000, ge=1)
     # /v1/completions with "prompt" as a list: at most this many prompts (and at most
-    # replicas + max_queued_requests), admitted together or refused together
+    # max_queued_requests), admitted together or refused together
     max_prompts_per_request: int = Field(8, ge=1)
     # a request not finished this many seconds after it arrived ends with a 504 (an SSE
     # error event once streaming began) and its generation stops; None: no deadline

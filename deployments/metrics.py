@@ -51,7 +51,8 @@ class Metrics:
         self.accepted = histogram("pace_accepted_draft_tokens_per_step", "Draft tokens the target accepted, per "
                                   "speculative decode step (the correction or bonus token apart).", ACCEPTED_BUCKETS)
         gauge("pace_requests_in_flight", "Requests being generated or waiting.", lambda: self.in_flight)
-        gauge("pace_queue_depth", "Requests waiting for a free replica.", lambda: self.queue_depth)
+        gauge("pace_queue_depth", "Requests waiting for a free replica: in flight beyond the running replicas "
+              "(as of this scrape).", lambda: self.queue_depth)
         gauge("pace_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens of the "
               "requests that looked it up, since the router started.", self._cache_hit_rate)
         self._cache_tokens = [0, 0]  # prompt tokens, of which cached

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.context import _set_request_context
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pace_core.outputs import StreamChunk
@@ -179,8 +180,7 @@ class Router:
         self.model_name = self.args.served_model_name
         self.api_key = self.args.resolved_api_key()
         self.metrics = Metrics(self.model_name)
-        self.metrics.running_capacity = self.args.max_replicas
-        self.capacity = self.args.max_replicas + self.args.max_queued_requests
+        self.metrics.running_capacity = self.args.max_replicas  # until /metrics or /health asks Serve
         self._replica_info: dict | None = None
         missing = " ".join(f"{k}={v}" for k, v in NODE_ENV.items() if os.environ.get(k) != v)
         if missing:
@@ -208,11 +208,9 @@ class Router:
         return {"sampling": sampling, "max_tokens_is_default": max_tokens is None}
 
     def _admit(self, n: int = 1) -> None:
-        """Admit ``n`` generations as a whole, or none (503)."""
-        if self.metrics.in_flight + n > self.capacity:
-            raise APIError(503, f"server busy: {self.metrics.in_flight} requests in flight (limit {self.capacity}: "
-                                f"{self.args.max_replicas} replicas + {self.args.max_queued_requests} queued); retry later",
-                           code="overloaded", type_="server_error")
+        """Count ``n`` generations in flight. Admission itself is Serve's: the replicas'
+        queue at this router holds max_queued_requests, beyond which a call raises
+        BackPressureError (a 503, :meth:`_until_started`)."""
         self.metrics.in_flight += n
 
     def _release(self, n: int = 1) -> None:
@@ -258,6 +256,10 @@ class Router:
         for attempt in range(RETRIES + 1):
             try:
                 return await start()
+            except BackPressureError:
+                raise APIError(503, f"server busy: every replica is busy and {self.args.max_queued_requests} requests "
+                                    "are waiting (app argument max_queued_requests); retry later",
+                               code="overloaded", type_="server_error") from None
             except Exception as err:
                 if attempt == RETRIES or not _not_started(err):
                     raise
@@ -389,16 +391,20 @@ class Router:
         return {"status": "ok"}
 
     def _replicas_problem(self) -> str | None:
+        """Why the replicas cannot serve (None: they can), as Serve's controller sees
+        them; also refreshes the running-replica count behind pace_queue_depth."""
         app_status = serve.status().applications.get(self.replica.app_name)
         status = app_status and app_status.deployments.get(self.replica.deployment_name)
         if status is None:
             return "the replicas are not deployed"
+        self.metrics.running_capacity = status.replica_states.get("RUNNING", 0)
         if status.status in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
             return None
         return f"replicas {status.status.value}: {status.message}".rstrip(": ")
 
     @app.get("/metrics")
     async def metrics_route(self, request: Request):
+        await asyncio.to_thread(self._replicas_problem)  # the running replicas, for pace_queue_depth
         body, content_type = self.metrics.render(request.headers.get("accept"))
         return Response(body, headers={"Content-Type": content_type})
 
@@ -428,12 +434,11 @@ class Router:
                 if len(prompts) != 1:
                     raise APIError(400, "streaming takes one prompt per request", "prompt")
                 return await self._stream_response("completion", rid, {"prompt": prompts[0], **common}, body)
-            limit = min(self.args.max_prompts_per_request, self.capacity)
+            limit = self.args.max_prompts_per_request
             if len(prompts) > limit:
                 raise APIError(400, f"the request has {len(prompts)} prompts; this server takes at most {limit} per "
-                                    "request (app arguments max_prompts_per_request, and replicas + "
-                                    "max_queued_requests): send them in several requests", "prompt",
-                               code="too_many_prompts")
+                                    "request (app argument max_prompts_per_request): send them in several requests",
+                               "prompt", code="too_many_prompts")
             outs = await self._generate_all([{"prompt": p, **common} for p in prompts])
             return _JSON(completion_body(rid, model, outs))
         return await self._route("/v1/completions", request, fn, "cmpl")

@@ -47,7 +47,7 @@ def deploy_config(applications: list[dict], timeout: float = 120) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tiny_pair, tmp_path_factory):
-    """App "pace" (2 replicas, queue bound 6) at /; app "one" (1 replica, its API key in
+    """App "pace" (2 replicas, queue bound 8) at /; app "one" (1 replica, its API key in
     a file) at /one, deployed from a config as `serve deploy` does."""
     import httpx
     import ray
@@ -64,7 +64,7 @@ def server(tiny_pair, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"model": {"model_name_or_path": target, "dtype": "float32",
                         "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 3}}}
-    handle = serve.run(build_app({**common, "num_replicas": 2, "max_queued_requests": 6}), name="pace", route_prefix="/")
+    handle = serve.run(build_app({**common, "num_replicas": 2, "max_queued_requests": 8}), name="pace", route_prefix="/")
     one = {"name": "one", "route_prefix": "/one", "import_path": "deployments.app:build_app",
            "args": {**common, "num_replicas": 1, "api_key_file": str(key_file), "served_model_name": "one"}}
     assert deploy_config([one]) == {"one": ("RUNNING", "")}
@@ -246,8 +246,9 @@ def test_multi_prompt_request_refused_mid_way_stops_all_its_generations(server):
 
 def test_multi_prompt_requests_are_capped_and_admitted_whole(server):
     """More prompts than max_prompts_per_request (8) is a 400 naming the argument; with
-    the engines stopped (SIGSTOP) under 4 requests, 4 of the 8 places (2 replicas + 6
-    queued) are taken: a request of 6 prompts is refused as a whole (503), at once."""
+    the engines stopped (SIGSTOP) under 4 requests (2 on the replicas, 2 in Serve's queue
+    of 8), a request of 8 prompts does not fit the queue: it is refused as a whole (503:
+    the prompts Serve queued are withdrawn), at once."""
     import signal
 
     import httpx
@@ -267,7 +268,7 @@ def test_multi_prompt_requests_are_capped_and_admitted_whole(server):
                 while _in_flight(c) < 4:
                     await asyncio.sleep(0.05)
                 t0 = time.monotonic()
-                refused = await ac.post("/v1/completions", json={"prompt": ["y"] * 6, "max_tokens": 8})
+                refused = await ac.post("/v1/completions", json={"prompt": ["y"] * 8, "max_tokens": 8})
                 assert time.monotonic() - t0 < 2 and _in_flight(c) == 4
             finally:
                 for pid in engines:
