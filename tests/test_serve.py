@@ -1073,3 +1073,31 @@ def test_killed_engine_mid_stream_error_event_then_restart_in_place(server):
     assert after["replica_pid"] == before["replica_pid"] and after["pid"] != before["pid"]
     assert after["engine_starts"] == before["engine_starts"] + 1
     assert 'pace_stream_errors_total{model="one"} 1.0' in c.get("/one/metrics").text
+
+
+def test_prefix_cache_reuse_is_reported_in_usage_metrics_and_info(server, engine):
+    """The same long prompt twice (the cache-aware router sends it back to the replica
+    that served it): the second reuses the cached blocks, says so in
+    usage.prompt_tokens_details.cached_tokens, /metrics and the replica's info, and
+    answers exactly as the first and as the engine alone."""
+    from pace_core import SamplingConfig
+
+    c = server["client"]
+    prompt = "class Stack:\n    def __init__(self):\n        self.items = []\n\n" * 6 + "def peek(self):"
+    body = {"prompt": prompt, "max_tokens": 12, "user": "prefix-cache-test"}
+    first, second = (c.post("/v1/completions", json=body).json() for _ in range(2))
+    ref = engine.generate(prompt, SamplingConfig(max_new_tokens=12))
+    assert first["choices"][0]["text"] == second["choices"][0]["text"] == ref.text
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 and cached > 0 and cached % 32 == 0
+    assert second["usage"]["prompt_tokens"] - 32 < cached < second["usage"]["prompt_tokens"]
+    with c.stream("POST", "/v1/completions", json={**body, "stream": True,
+                                                   "stream_options": {"include_usage": True}}) as r:
+        assert sse_events(r)[-2]["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+    metrics = c.get("/metrics").text
+    value = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()
+             if line.startswith("pace_prefix_cache")}
+    assert value["pace_prefix_cache_hits_total"] >= 2 and value["pace_prefix_cache_cached_tokens_total"] >= 2 * cached
+    assert 0 < value["pace_prefix_cache_hit_rate"] < 1
+    infos = [server["handle"].info.remote().result()["replica"]["prefix_cache"] for _ in range(4)]
+    assert all(i["budget_bytes"] > 0 for i in infos) and any(i["hits"] >= 1 and i["blocks"] > 0 for i in infos)
