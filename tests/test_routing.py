@@ -111,6 +111,69 @@ def test_a_replica_that_left_is_forgotten():
     assert p.preferred(keys, ["A", "B"]) is None
 
 
+# ---------------------------------------------------------------- the Serve router, without Ray
+class FakeReplica:
+    """What Serve's routing asks of a replica: its id, capacity and queue length."""
+
+    def __init__(self, name: str):
+        from ray.serve._private.common import DeploymentID, ReplicaID
+
+        self.replica_id = ReplicaID(name, DeploymentID(name="LLMReplica", app_name="test"))
+        self.max_ongoing_requests = 1
+        self.busy = False
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        return int(self.busy)
+
+
+def test_cache_aware_router_in_serves_routing_loop():
+    """CacheAwareRouter driven by Serve's own routing loop (fake replicas, no Ray): a
+    turn follows its conversation's replica; with that one busy, the other takes it
+    after affinity_wait_s; two calls sharing an internal request id both get a replica;
+    replicas that leave or die are forgotten."""
+    import asyncio
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from deployments.routing import CacheAwareRouter
+
+    async def main():
+        router = CacheAwareRouter(deployment_id=DeploymentID(name="LLMReplica", app_name="test"),
+                                  handle_source=DeploymentHandleSource.UNKNOWN)
+        router.initialize_state(affinity_wait_s=0.3)
+        a, b, c = FakeReplica("a"), FakeReplica("b"), FakeReplica("c")
+        router.update_replicas([a, b])
+
+        async def route(request: dict, internal_id: str = ""):
+            pr = PendingRequest(args=[request], kwargs={},
+                                metadata=RequestMetadata(request_id="r", internal_request_id=internal_id or repr(request)))
+            replica = await asyncio.wait_for(router._choose_replica_for_request(pr), timeout=10)
+            router.on_request_routed(pr, replica.replica_id, None)
+            return replica
+
+        convo = turns(LONG, 3)
+        first = await route({"messages": convo[0]})
+        assert await route({"messages": convo[1]}) is first
+        first.busy = True
+        t0 = time.monotonic()
+        other = await route({"messages": convo[2]})
+        assert other is not first and 0.3 <= time.monotonic() - t0 < 2
+        first.busy = False
+        assert await route({"messages": convo[2]}) is other  # the conversation moved with it
+
+        siblings = await asyncio.gather(route({"prompt": "x"}, "one-id"), route({"prompt": "y"}, "one-id"))
+        assert len(siblings) == 2
+
+        router.update_replicas([b, c])  # autoscaling: a left, c came
+        assert all(r != a.replica_id for r in router.policy._table.values())
+        router.on_replica_actor_died(b.replica_id)
+        assert all(r == c.replica_id for r in router.policy._table.values())
+        assert await route({"messages": convo[2]}) is c
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------- Ray Serve, two replicas
 @pytest.mark.parametrize("routing", ["cache_aware", "power_of_two"])
 def test_build_app_sets_the_replicas_request_router(tiny_pair, routing):
