@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.context import _set_request_context
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -294,11 +293,6 @@ class Router:
             self._release(len(requests))
 
     async def _generate_one(self, request: dict) -> StreamChunk:
-        # the generations of a multi-prompt request run at once, each in its own task:
-        # each gets its own internal request id, which Serve's request routers match a
-        # chosen replica to the request by (siblings sharing their parent's id would
-        # leave all but one unrouted, for ever, under deployments.routing)
-        _set_request_context(_internal_request_id=request["request_id"])
         t0 = time.perf_counter()
 
         async def start():
