@@ -130,7 +130,7 @@ def _describe(model, pinned: dict) -> dict:
     import torch
 
     return {
-        "pid": os.getpid(),
+        "engine_pid": os.getpid(),
         "target": model.config.model_name_or_path,
         "draft": model.config.pard_config.model_name_or_path if model.draft else None,
         "num_speculative_tokens": model.num_speculative_tokens,

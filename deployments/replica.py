@@ -269,7 +269,7 @@ class LLMReplica:
 
     def info(self) -> dict:
         return {
-            **(self.engine.info if self.engine else {"pid": None}),  # pid (the engine's), model, dtype, forward, ...
+            **(self.engine.info if self.engine else {"engine_pid": None}),  # engine_pid, model, dtype, forward, ...
             "replica_pid": os.getpid(),
             "slot": self.slot.to_dict() if self.slot else None,
             "load_s": self.load_s,

@@ -30,7 +30,7 @@ def test_engine_process_streams_the_engines_tokens(tiny_pair):
                         pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=4))
     engine = EngineProcess(model)  # the app argument ``model``, as the replica passes it
     try:
-        assert engine.info["pid"] == engine.pid != os.getpid()
+        assert engine.info["engine_pid"] == engine.pid != os.getpid()
         assert engine.info["num_speculative_tokens"] == 4 and engine.info["dtype"] == "float32"
         request = {"prompt": "def add(a, b):", "sampling": {"max_new_tokens": 40, "ignore_eos": True}}
         messages = _run(engine, request)

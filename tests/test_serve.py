@@ -421,7 +421,7 @@ def test_client_disconnect_stops_generation_within_a_step(server):
     r = c.post("/one/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=headers)
     assert r.status_code == 200
     after = one.info.remote().result(timeout_s=60)["replica"]
-    assert after["pid"] == before["pid"] and after["last_request"]["tokens"] == 2
+    assert after["engine_pid"] == before["engine_pid"] and after["last_request"]["tokens"] == 2
     assert after["forward"] in ("lean-native", "lean-python")
     cancelled = after["tokens_generated"] - before["tokens_generated"] - 2
     # stopped well before its 480 tokens (the tiny model decodes ~1000 tokens/s, so the
@@ -443,7 +443,7 @@ def test_unary_client_disconnect_stops_its_generation(server):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     one = serve.get_app_handle("one")
     before = one.info.remote().result(timeout_s=60)["replica"]
-    engine = before["pid"]
+    engine = before["engine_pid"]
     os.kill(engine, signal.SIGSTOP)
     try:
         with pytest.raises(httpx.ReadTimeout):
@@ -455,7 +455,7 @@ def test_unary_client_disconnect_stops_its_generation(server):
     r = c.post("/one/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=headers)
     assert r.status_code == 200
     after = one.info.remote().result(timeout_s=60)["replica"]
-    assert after["pid"] == engine and after["last_request"]["tokens"] == 2
+    assert after["engine_pid"] == engine and after["last_request"]["tokens"] == 2
     cancelled = after["tokens_generated"] - before["tokens_generated"] - 2
     assert 0 <= cancelled < 20, cancelled  # its first step or so, not 480 tokens
 
@@ -471,7 +471,7 @@ def test_replicas_run_serve_on_one_loop_and_the_engine_at_normal_priority(server
     environ = dict(line.split("=", 1) for line in
                    Path(f"/proc/{info['replica']['replica_pid']}/environ").read_text().split("\0") if "=" in line)
     assert {k: environ.get(k) for k in REPLICA_ENV} == REPLICA_ENV
-    engine_nice = os.getpriority(os.PRIO_PROCESS, info["replica"]["pid"])
+    engine_nice = os.getpriority(os.PRIO_PROCESS, info["replica"]["engine_pid"])
     replica_nice = os.getpriority(os.PRIO_PROCESS, info["replica"]["replica_pid"])
     if info["replica"]["priority"].endswith("-> 0"):
         assert engine_nice == 0 and info["replica"]["priority"] == f"niceness {replica_nice} -> 0"
@@ -1053,7 +1053,7 @@ def test_killed_engine_mid_stream_error_event_then_restart_in_place(server):
     killed = []
 
     def kill_engine():
-        os.kill(before["pid"], signal.SIGKILL)
+        os.kill(before["engine_pid"], signal.SIGKILL)
         killed.append(time.monotonic())
 
     with c.stream("POST", "/one/v1/completions", json=body, headers=headers) as r:
@@ -1070,7 +1070,7 @@ def test_killed_engine_mid_stream_error_event_then_restart_in_place(server):
     assert r.status_code == 200, r.text
     assert recovered < 10, recovered
     after = one.info.remote().result(timeout_s=60)["replica"]
-    assert after["replica_pid"] == before["replica_pid"] and after["pid"] != before["pid"]
+    assert after["replica_pid"] == before["replica_pid"] and after["engine_pid"] != before["engine_pid"]
     assert after["engine_starts"] == before["engine_starts"] + 1
     assert 'pace_stream_errors_total{model="one"} 1.0' in c.get("/one/metrics").text
 

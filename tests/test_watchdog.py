@@ -60,7 +60,7 @@ def _replica_info(app: str) -> dict:
 
 def test_request_timeout_ends_the_request_and_its_replica_serves_the_next(server):
     c = server
-    engine = _replica_info("timed")["pid"]
+    engine = _replica_info("timed")["engine_pid"]
     body = {"prompt": "x", "max_tokens": 8}
     os.kill(engine, signal.SIGSTOP)
     try:
@@ -91,7 +91,7 @@ def test_request_timeout_ends_the_request_and_its_replica_serves_the_next(server
     os.kill(engine, signal.SIGCONT)
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "timeout", events[-3:]
     after = _replica_info("timed")
-    assert after["pid"] == engine and after["last_request"]["tokens"] < 480  # the same engine, stopped early
+    assert after["engine_pid"] == engine and after["last_request"]["tokens"] < 480  # the same engine, stopped early
     assert c.post("/timed/v1/completions", json=body).status_code == 200
 
 
@@ -103,7 +103,7 @@ def test_stalled_engine_fails_its_request_and_health_and_the_replica_is_replaced
     stopped = []
 
     def stop_engine():
-        os.kill(before["pid"], signal.SIGSTOP)
+        os.kill(before["engine_pid"], signal.SIGSTOP)
         stopped.append(time.monotonic())
 
     with c.stream("POST", "/stall/v1/completions", json=body) as r:
@@ -117,7 +117,7 @@ def test_stalled_engine_fails_its_request_and_health_and_the_replica_is_replaced
     failed_after = time.monotonic() - t_stop
     print(f"\nstream ended {ended:.1f}s after the stop; /health failed {failed_after:.1f}s after it")
     assert unhealthy and failed_after < STEP_TIMEOUT_S + HEALTH_CHECK_PERIOD_S + 3
-    proc = psutil.Process(before["pid"]) if psutil.pid_exists(before["pid"]) else None
+    proc = psutil.Process(before["engine_pid"]) if psutil.pid_exists(before["engine_pid"]) else None
     assert proc is None or proc.status() == psutil.STATUS_ZOMBIE  # the stopped engine was killed
     wait_for(lambda: c.get("/stall/health").status_code == 200, 120, "the replacement replica")
     r = c.post("/stall/v1/completions", json={"prompt": "x", "max_tokens": 4})
