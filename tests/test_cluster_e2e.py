@@ -49,12 +49,12 @@ def replica_states():
 
 
 def replica_infos(n_calls=8):
-    """pid -> info() of the running replicas reached by n concurrent calls."""
+    """engine pid -> info() of the running replicas reached by n concurrent calls."""
     from ray import serve
 
     h = serve.get_deployment_handle("LLMReplica", app_name=APP)
     responses = [h.info.remote() for _ in range(n_calls)]
-    return {r["pid"]: r for r in (resp.result(timeout_s=120) for resp in responses)}
+    return {r["engine_pid"]: r for r in (resp.result(timeout_s=120) for resp in responses)}
 
 
 def infos_of(n):
@@ -67,7 +67,7 @@ def infos_of(n):
 def check_pinned(info):
     cpus = info["slot"]["cpus"]
     assert len(cpus) == 1
-    proc = psutil.Process(info["pid"])  # from outside: the process's real affinity
+    proc = psutil.Process(info["engine_pid"])  # from outside: the process's real affinity
     assert proc.cpu_affinity() == cpus, info
     for t in proc.threads():
         assert os.sched_getaffinity(t.id) == set(cpus), (t, info)
