@@ -54,6 +54,36 @@ def test_serving_benchmark_smoke(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # starts Ray Serve, three times
+def test_multi_turn_benchmark_smoke(tmp_path):
+    """benchmarks/multi_turn.py: 2 conversations x 3 turns on tiny models, 2 replicas,
+    for no cache, cache with Serve's routing and cache-aware routing; the script checks
+    its own output's structure too."""
+    out = tmp_path / "multi_turn"
+    env = {**os.environ, "PACE_SLOT_DIR": str(tmp_path / "slots")}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multi_turn.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert list(result["configs"]) == ["a", "b", "c"]
+    assert result["configs"]["a"]["app_args"] == {"model.prefix_cache_gb": 0, "routing": "power_of_two"}
+    assert result["configs"]["c"]["app_args"]["routing"] == "cache_aware"
+    for key, config in result["configs"].items():
+        turns = sorted(config["turns"], key=lambda t: (t["conversation"], t["turn"]))
+        expected = [(f"conv-{c}", n) for c in range(2) for n in (1, 2, 3)]
+        assert [(t["conversation"], t["turn"]) for t in turns] == expected, key
+        assert all(t["ok"] and t["ttft_s"] > 0 and t["prompt_tokens"] > 0 for t in turns), key
+        for c in range(2):  # each turn resends the history: its prompt grows
+            sizes = [t["prompt_tokens"] for t in turns if t["conversation"] == f"conv-{c}"]
+            assert sizes == sorted(sizes) and sizes[0] < sizes[-1], (key, sizes)
+    assert all(t["cached_tokens"] == 0 for t in result["configs"]["a"]["turns"])  # no cache
+    assert result["ratios"]["ttft_p50_later_a_over_c"] > 0 and result["cpu"]["isa"]
+    assert [t["turn"] for t in result["engine_alone"]["cache"]["turns"]] == [1, 2, 3]  # engine alone, 1 conversation
+    md = out.with_suffix(".md").read_text()
+    assert "(a)/(c) x" in md and "| (c) cache, cache-aware routing |" in md
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
 def test_engine_bench_speaks_pace_bench_json(tmp_path):
     """benchmarks/engine_bench.py: pace_core under AMD PACE's measuring protocol, with
     pace_bench.py's JSON fields, so latency.py can run both the same way."""
