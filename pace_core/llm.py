@@ -11,7 +11,6 @@ import torch
 
 from .configs import ModelConfig, PardSpecDecodeConfig, SamplingConfig
 from .decoder import decode
-from .outputs import GenerationOutput, GenerationStats, StreamChunk
 from .loading import (
     ModelLoadError,
     check_same_tokenizer,
@@ -22,6 +21,7 @@ from .loading import (
     sampling_defaults,
     stop_token_ids,
 )
+from .outputs import GenerationOutput, GenerationStats, StreamChunk
 from .prefix_cache import PrefixCache, auto_budget_bytes
 from .runner import make_runner
 from .sampling import Sampler
@@ -51,6 +51,12 @@ class LLMModel:
     >>> model = LLMModel("path/to/target", dtype="float32",
     ...                  pard_config=PardSpecDecodeConfig(model_name_or_path="path/to/draft"))
     >>> model.generate("def fib(n):", SamplingConfig(max_new_tokens=32)).text
+
+    Every request goes through :meth:`prepare` (all request errors raised there, before
+    any work) and then :meth:`run` (chunks as they come) or :meth:`collect` (the whole
+    output); ``generate``, ``stream`` and ``chat`` are those two calls. With a prefix
+    cache (``prefix_cache_gb``, :mod:`pace_core.prefix_cache`) a prompt starting like an
+    earlier sequence prefills only the rest.
 
     Sampling fields a request leaves unset take the checkpoint's defaults from its
     ``generation_config.json`` (``model.sampling_defaults``), as transformers and vLLM do;
