@@ -558,7 +558,9 @@ def ratio(results, num, den, field="ttft_ms_later_p50"):
 
 def write_outputs(out: Path, results: dict, convs, args, longest: int, engine: dict | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/multi_turn.py " + " ".join(sys.argv[1:])
+    # the environment Ray starts with changes the figures: name it in the command
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("RAY_worker_niceness", "RAY_SERVE_PROXY_USE_GRPC") if k in os.environ)
+    cmd = (env + " " if env else "") + "python benchmarks/multi_turn.py " + " ".join(sys.argv[1:])
     cpu = cpu_info()
     ratios = {"ttft_p50_later_a_over_c": ratio(results, "a", "c"), "ttft_p50_later_a_over_b": ratio(results, "a", "b"),
               "ttft_p50_later_b_over_c": ratio(results, "b", "c")}
