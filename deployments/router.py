@@ -206,13 +206,13 @@ class Router:
         sampling = body.sampling(self.args.default_max_tokens, max_tokens)
         return {"sampling": sampling, "max_tokens_is_default": max_tokens is None}
 
-    def _admit(self, n: int = 1) -> None:
+    def _track(self, n: int = 1) -> None:
         """Count ``n`` generations in flight. Admission itself is Serve's: the replicas'
         queue at this router holds max_queued_requests, beyond which a call raises
         BackPressureError (a 503, :meth:`_until_started`)."""
         self.metrics.in_flight += n
 
-    def _release(self, n: int = 1) -> None:
+    def _untrack(self, n: int = 1) -> None:
         self.metrics.in_flight -= n
 
     def _deadline(self) -> float | None:
@@ -277,7 +277,7 @@ class Router:
         stop after the current decode step."""
         requests = [self._checked(r) for r in requests]
         deadline = self._deadline()
-        self._admit(len(requests))
+        self._track(len(requests))
         tasks = [asyncio.ensure_future(self._generate_one(r)) for r in requests]
         try:
             async with asyncio.timeout_at(deadline) as timeout:
@@ -290,7 +290,7 @@ class Router:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._release(len(requests))
+            self._untrack(len(requests))
 
     async def _generate_one(self, request: dict) -> StreamChunk:
         t0 = time.perf_counter()
@@ -318,7 +318,7 @@ class Router:
         (the deadline, as a 504)."""
         request = self._checked(request)
         deadline = self._deadline()
-        self._admit()
+        self._track()
         t0 = time.perf_counter()
 
         async def start():
@@ -333,12 +333,12 @@ class Router:
             async with asyncio.timeout_at(deadline) as timeout:
                 first, gen = await self._until_started(request, start)
         except BaseException as err:
-            self._release()
+            self._untrack()
             if isinstance(err, TimeoutError) and timeout.expired():
                 raise self._timed_out() from None
             raise
         if isinstance(first, dict):  # a user error
-            self._release()
+            self._untrack()
             raise APIError(400, first["error"])
         return first, gen, t0, deadline
 
@@ -369,7 +369,7 @@ class Router:
         finally:
             if not done:
                 gen.cancel()
-            self._release()
+            self._untrack()
             self.metrics.generation_done(first.num_prompt_tokens, n_tokens, last.stats if last.finish_reason else None,
                                          ttft, time.perf_counter() - t0, first.num_cached_tokens)
 
