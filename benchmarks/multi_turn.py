@@ -38,8 +38,6 @@ import asyncio
 import json
 import os
 import platform
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -51,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from latency import fmt, pct, pyplot, save_table  # noqa: E402
-from serving import check_loopback, launch, wait_ready  # noqa: E402
+from serving import check_loopback, launch, stop, wait_ready  # noqa: E402
 
 CONFIGS = {  # key: (label, app arguments over the base config's; a dotted key is a nested field)
     "a": ("no cache", {"model.prefix_cache_gb": 0, "routing": "power_of_two"}),
@@ -296,37 +294,6 @@ def summarize(records: list[dict], metrics: dict) -> dict:
 
 
 # ---------------------------------------------------------------- launching
-def stop_private(proc, ray_tmp: str) -> None:
-    """serve run's process group (SIGINT, as serving.stop), then whatever is left of
-    the Ray started under ``ray_tmp``: only that Ray, never `ray stop` (which would stop
-    every Ray of this user on the host)."""
-    import psutil
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    for _ in range(3):
-        left = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if any(ray_tmp in arg for arg in p.info["cmdline"] or ()):
-                    left.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        if not left:
-            return
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=10)
-
-
 def run_config(key, config, args, convs, warmups, headers) -> dict:
     label, extra = CONFIGS[key]
     cfg = json.loads(json.dumps(config))
@@ -334,8 +301,6 @@ def run_config(key, config, args, convs, warmups, headers) -> dict:
     for k, v in extra.items():
         set_arg(app_args, k, v)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    ray_tmp = tempfile.mkdtemp(prefix="ray-mt-")  # short: Ray's socket paths live under it
-    os.environ["RAY_TMPDIR"] = ray_tmp  # launch() passes this process's environment on
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every replica's "engine ... loaded" line in the log
     proc, logfile = launch(cfg, args.replicas, args.port)
     log(f"({key}) {label}: serve run with {args.replicas} replicas, log {logfile}")
@@ -362,8 +327,7 @@ def run_config(key, config, args, convs, warmups, headers) -> dict:
         after = scrape(url, headers, warmed + sum(r["ok"] for r in records))
         load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     finally:
-        stop_private(proc, ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)  # that Ray's session files (serve run's log stays)
+        stop(proc, logfile)  # serve run and its own Ray only
     metrics = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in METRICS if k in after}
     replica_of_requests(logfile, records)
     s = summarize(records, metrics)

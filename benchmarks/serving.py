@@ -134,7 +134,9 @@ def wait_ready(url: str, timeout: float = 300, proc=None) -> str:
 
 
 def launch(config: dict, replicas: int, port: int):
-    """`serve run` a copy of the serve config with `replicas` replicas on 127.0.0.1:port."""
+    """`serve run` a copy of the serve config with `replicas` replicas on 127.0.0.1:port,
+    under a Ray of its own (RAY_TMPDIR in the launch's temporary directory, beside the
+    log): :func:`stop` stops that Ray and nothing else. Returns (process, log path)."""
     import yaml
 
     cfg = json.loads(json.dumps(config))
@@ -148,15 +150,21 @@ def launch(config: dict, replicas: int, port: int):
     # environment wins, e.g. RAY_SERVE_PROXY_USE_GRPC=0 to measure without)
     from deployments import NODE_ENV
 
-    env = {**NODE_ENV, **os.environ, "RAY_DASHBOARD_ENABLED": "0"}
+    env = {**NODE_ENV, **os.environ, "RAY_DASHBOARD_ENABLED": "0", "RAY_TMPDIR": str(path.parent / "ray")}
     log = open(path.with_suffix(".log"), "w")
     proc = subprocess.Popen(["serve", "run", str(path)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     return proc, path.with_suffix(".log")
 
 
-def stop(proc) -> None:
+def stop(proc, log: Path) -> None:
+    """Stop what :func:`launch` started: serve run's process group, then whatever is left
+    of its own Ray (the processes under its RAY_TMPDIR). Never `ray stop`, which stops
+    every Ray of this user on the host."""
+    import shutil
     import signal
+
+    import psutil
 
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
@@ -164,7 +172,25 @@ def stop(proc) -> None:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+            proc.wait(10)
+    ray_tmp = str(log.parent / "ray")
+    for _ in range(3):
+        left = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(ray_tmp in arg for arg in p.info["cmdline"] or ()):
+                    left.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        if not left:
+            break
+        for p in left:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=10)
+    shutil.rmtree(ray_tmp, ignore_errors=True)  # that Ray's session files (the log stays)
 
 
 def replica_cpus(app_args: dict) -> list[int] | None:
@@ -290,7 +316,7 @@ def main(argv=None) -> int:
                       f"TTFT +{in_proc['ttft_added_ms_p50']:.1f} ms", file=sys.stderr)
         finally:
             if proc is not None:
-                stop(proc)
+                stop(proc, log)
     write_outputs(Path(args.out), rows, in_proc, args)
     return 0
 
