@@ -12,6 +12,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _serving_script(script: str, tmp_path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a benchmark script that starts Ray Serve (its replicas take their slot locks in
+    a directory of this test's own); fail with its stderr unless it succeeds."""
+    env = {**os.environ, "PACE_SLOT_DIR": str(tmp_path / "slots")}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                         capture_output=True, text=True, timeout=timeout, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 def test_latency_benchmark_smoke(tmp_path):
     out = tmp_path / "latency"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--smoke", "--out", str(out)],
@@ -37,10 +47,7 @@ def test_serving_benchmark_smoke(tmp_path):
     """Launches `serve run` on tiny models (1 replica), a concurrency sweep, and the
     in-process comparison."""
     out = tmp_path / "serving"
-    env = {**os.environ, "PACE_SLOT_DIR": str(tmp_path / "slots")}
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--smoke", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
+    _serving_script("serving.py", tmp_path, "--smoke", "--out", str(out))
     result = json.loads(out.with_suffix(".json").read_text())
     assert [r["concurrency"] for r in result["rows"]] == [1, 2]
     assert all(r["ok"] == r["requests"] and r["throughput_tok_s"] > 0 for r in result["rows"])
@@ -60,10 +67,7 @@ def test_multi_turn_benchmark_smoke(tmp_path):
     for no cache, cache with Serve's routing and cache-aware routing; the script checks
     its own output's structure too."""
     out = tmp_path / "multi_turn"
-    env = {**os.environ, "PACE_SLOT_DIR": str(tmp_path / "slots")}
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multi_turn.py"), "--smoke", "--out", str(out)],
-                         capture_output=True, text=True, timeout=900, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
+    _serving_script("multi_turn.py", tmp_path, "--smoke", "--out", str(out), timeout=900)
     result = json.loads(out.with_suffix(".json").read_text())
     assert list(result["configs"]) == ["a", "b", "c"]
     assert result["configs"]["a"]["app_args"] == {"model.prefix_cache_gb": 0, "routing": "power_of_two"}
@@ -107,10 +111,7 @@ def test_engine_bench_speaks_pace_bench_json(tmp_path):
 def test_replica_overhead_smoke(tmp_path):
     """benchmarks/replica_overhead.py: the engine's own time inside a Serve replica,
     streamed and not, against in-process (tiny models, 2 pairs)."""
-    env = {**os.environ, "PACE_SLOT_DIR": str(tmp_path / "slots")}
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "replica_overhead.py"), "--smoke"],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = _serving_script("replica_overhead.py", tmp_path, "--smoke")
     out = json.loads(run.stdout.strip().splitlines()[-1])
     ratios = out["engine_tpot_in_replica_over_in_process"]
     assert out["pairs"] == 2 and set(ratios) == {"streamed", "not streamed"}
