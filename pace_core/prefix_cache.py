@@ -58,6 +58,11 @@ class Block:
     def __post_init__(self):
         self.nbytes = sum(t.nbytes for t in self.kv)
 
+    @property
+    def key(self) -> tuple[int, tuple[int, ...]]:
+        """Its key in the cache: its parent's id (0 at the start) and its tokens."""
+        return (self.parent.id if self.parent else 0, self.tokens)
+
 
 @dataclass
 class PrefixCacheStats:
@@ -102,7 +107,7 @@ class PrefixCache:
 
     def _touch(self, path: list[Block]) -> None:
         for block in reversed(path):  # parents end up more recent than their children
-            self.blocks.move_to_end((block.parent.id if block.parent else 0, block.tokens))
+            self.blocks.move_to_end(block.key)
 
     def load(self, prompt_ids: list[int], runners: list) -> int:
         """Reset ``runners`` and load the KV of the longest cached prefix of the prompt
@@ -149,7 +154,7 @@ class PrefixCache:
             if not self._make_room(block.nbytes, on_path):
                 break
             self._next_id += 1
-            self.blocks[(parent.id if parent else 0, block.tokens)] = block
+            self.blocks[block.key] = block
             if parent is not None:
                 parent.children += 1
             self.stats.blocks += 1
