@@ -79,10 +79,9 @@ def build_app(args: AppArgs) -> Application:
         routing["request_router_config"] = RequestRouterConfig(
             request_router_class="deployments.routing.CacheAwareRouter",
             request_router_kwargs={"affinity_wait_s": args.affinity_wait_s})
-    # Serve queues what the replicas cannot take yet, up to max_queued_requests (the router
-    # turns its back-pressure error into a 503)
-    replica = LLMReplica.options(ray_actor_options=actor_options, max_queued_requests=args.max_queued_requests,
-                                 **scaling, **routing).bind(replica_args)
+    # Serve's request router queues what the replicas cannot take yet; the Router admits
+    # at most max_queued_requests waiting (Router._admit)
+    replica = LLMReplica.options(ray_actor_options=actor_options, **scaling, **routing).bind(replica_args)
     router = Router.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
     return router.bind(replica, args.model_dump())
 

@@ -102,7 +102,8 @@ class AppArgs(BaseModel):
     # when the cluster advertises it
     slot_resource: Literal["auto", "always", "never"] = "auto"
     pin: bool = True  # claim a NUMA slot and pin each replica to it
-    # requests waiting for a free replica (Serve's queue, at the router); beyond: 503
+    # requests waiting for a free replica (in flight beyond the running replicas, counted
+    # by the router as they arrive, so right under autoscaling); beyond: 503
     max_queued_requests: int = Field(16, ge=1)
     default_max_tokens: int = Field(256, ge=1)  # when a request gives no max_tokens
     # streaming: send accepted tokens at most every this many ms (0: every step); the

@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pace_core.outputs import StreamChunk
@@ -43,6 +42,7 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="pace-serve", description="PARD speculative decoding on CPU replicas, OpenAI-compatible")
 
 MAX_HEADER_BYTES = 32 * 1024  # all request headers together; beyond: 431
+CAPACITY_TTL_S = 1.0  # admission asks Serve for the running replicas at most this often
 RETRIES = 3  # a request that had not started on a replica when it failed is tried again, on another one
 
 
@@ -179,7 +179,8 @@ class Router:
         self.model_name = self.args.served_model_name
         self.api_key = self.args.resolved_api_key()
         self.metrics = Metrics(self.model_name)
-        self.metrics.running_capacity = self.args.max_replicas  # until /metrics or /health asks Serve
+        self._capacity_checked_at = -CAPACITY_TTL_S  # monotonic time of the last running-replica count
+        self._capacity_check: asyncio.Future | None = None
         self._replica_info: dict | None = None
         missing = " ".join(f"{k}={v}" for k, v in NODE_ENV.items() if os.environ.get(k) != v)
         if missing:
@@ -206,11 +207,34 @@ class Router:
         sampling = body.sampling(self.args.default_max_tokens, max_tokens)
         return {"sampling": sampling, "max_tokens_is_default": max_tokens is None}
 
-    def _track(self, n: int = 1) -> None:
-        """Count ``n`` generations in flight. Admission itself is Serve's: the replicas'
-        queue at this router holds max_queued_requests, beyond which a call raises
-        BackPressureError (a 503, :meth:`_until_started`)."""
+    async def _admit(self, n: int = 1) -> None:
+        """Count ``n`` generations in flight, or refuse them all (503 + Retry-After) when
+        the requests waiting for a replica (in flight beyond the running replicas, which
+        take one each) would pass max_queued_requests. Checked and counted in one step,
+        so a burst is bounded exactly; Serve's own max_queued_requests is not used: its
+        count leaves out requests in a send-and-reject round trip with a busy replica,
+        and a burst of 14 on 2 replicas with a bound of 8 was queued whole."""
+        await self._refresh_capacity()
+        waiting = self.metrics.in_flight + n - self.metrics.running_capacity
+        if waiting > self.args.max_queued_requests:
+            raise APIError(503, f"server busy: every replica is busy and {self.args.max_queued_requests} requests "
+                                "are waiting (app argument max_queued_requests); retry later",
+                           code="overloaded", type_="server_error")
         self.metrics.in_flight += n
+
+    async def _refresh_capacity(self) -> None:
+        """Ask Serve for the running replicas if the last count is older than
+        CAPACITY_TTL_S (one question at a time; concurrent requests share it), so
+        admission follows autoscaling."""
+        if time.monotonic() - self._capacity_checked_at < CAPACITY_TTL_S:
+            return
+        if self._capacity_check is None or self._capacity_check.done():
+            self._capacity_check = asyncio.ensure_future(asyncio.to_thread(self._replicas_problem))
+        try:
+            await asyncio.shield(self._capacity_check)
+        except Exception:  # the controller did not answer: admit by the last count
+            logger.warning("could not count the running replicas; admitting by the last count (%d)",
+                           self.metrics.running_capacity, exc_info=True)
 
     def _untrack(self, n: int = 1) -> None:
         self.metrics.in_flight -= n
@@ -255,10 +279,6 @@ class Router:
         for attempt in range(RETRIES + 1):
             try:
                 return await start()
-            except BackPressureError:
-                raise APIError(503, f"server busy: every replica is busy and {self.args.max_queued_requests} requests "
-                                    "are waiting (app argument max_queued_requests); retry later",
-                               code="overloaded", type_="server_error") from None
             except Exception as err:
                 if attempt == RETRIES or not _not_started(err):
                     raise
@@ -277,7 +297,7 @@ class Router:
         stop after the current decode step."""
         requests = [self._checked(r) for r in requests]
         deadline = self._deadline()
-        self._track(len(requests))
+        await self._admit(len(requests))
         tasks = [asyncio.ensure_future(self._generate_one(r)) for r in requests]
         try:
             async with asyncio.timeout_at(deadline) as timeout:
@@ -318,7 +338,7 @@ class Router:
         (the deadline, as a 504)."""
         request = self._checked(request)
         deadline = self._deadline()
-        self._track()
+        await self._admit()
         t0 = time.perf_counter()
 
         async def start():
@@ -392,6 +412,7 @@ class Router:
         if status is None:
             return "the replicas are not deployed"
         self.metrics.running_capacity = status.replica_states.get("RUNNING", 0)
+        self._capacity_checked_at = time.monotonic()
         if status.status in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
             return None
         return f"replicas {status.status.value}: {status.message}".rstrip(": ")
