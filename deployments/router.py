@@ -42,7 +42,7 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="pace-serve", description="PARD speculative decoding on CPU replicas, OpenAI-compatible")
 
 MAX_HEADER_BYTES = 32 * 1024  # all request headers together; beyond: 431
-CAPACITY_TTL_S = 1.0  # admission asks Serve for the running replicas at most this often
+CAPACITY_TTL_S = 1.0  # admission counts the running replicas again (in the background) when older
 RETRIES = 3  # a request that had not started on a replica when it failed is tried again, on another one
 
 
@@ -80,6 +80,12 @@ def _not_started(err: Exception) -> bool:
     request is idempotent until its first token is out. A request whose engine died
     under it is not retried: it may be what killed the engine."""
     return isinstance(err, (EngineUnavailable, RayActorError))
+
+
+def _log_count_failure(question: asyncio.Future) -> None:
+    if not question.cancelled() and question.exception() is not None:
+        logger.warning("could not count the running replicas; admission goes on with the last count",
+                       exc_info=question.exception())
 
 
 def _validation_error(errors: list[dict]) -> APIError:
@@ -179,6 +185,7 @@ class Router:
         self.model_name = self.args.served_model_name
         self.api_key = self.args.resolved_api_key()
         self.metrics = Metrics(self.model_name)
+        self.metrics.running_capacity = 0  # until Serve is asked (Router._admit)
         self._capacity_checked_at = -CAPACITY_TTL_S  # monotonic time of the last running-replica count
         self._capacity_check: asyncio.Future | None = None
         self._replica_info: dict | None = None
@@ -213,28 +220,35 @@ class Router:
         take one each) would pass max_queued_requests. Checked and counted in one step,
         so a burst is bounded exactly; Serve's own max_queued_requests is not used: its
         count leaves out requests in a send-and-reject round trip with a busy replica,
-        and a burst of 14 on 2 replicas with a bound of 8 was queued whole."""
-        await self._refresh_capacity()
-        waiting = self.metrics.in_flight + n - self.metrics.running_capacity
-        if waiting > self.args.max_queued_requests:
-            raise APIError(503, f"server busy: every replica is busy and {self.args.max_queued_requests} requests "
-                                "are waiting (app argument max_queued_requests); retry later",
-                           code="overloaded", type_="server_error")
+        and a burst of 14 on 2 replicas with a bound of 8 was queued whole.
+        The running replicas are Serve's count, asked again in the background once older
+        than CAPACITY_TTL_S; a request waits for a fresh count only before a refusal (so
+        a replica that autoscaling just added is never missed)."""
+        limit = self.args.max_queued_requests
+        self._count_replicas(CAPACITY_TTL_S)
+        if self._waiting(n) > limit:
+            question = self._count_replicas(max_age_s=0.1)
+            if question is not None:
+                await asyncio.wait([question])  # a failure is logged; the last count stands
+            if self._waiting(n) > limit:
+                raise APIError(503, f"server busy: every replica is busy and {limit} requests are waiting (app "
+                                    "argument max_queued_requests); retry later", code="overloaded",
+                               type_="server_error")
         self.metrics.in_flight += n
 
-    async def _refresh_capacity(self) -> None:
-        """Ask Serve for the running replicas if the last count is older than
-        CAPACITY_TTL_S (one question at a time; concurrent requests share it), so
-        admission follows autoscaling."""
-        if time.monotonic() - self._capacity_checked_at < CAPACITY_TTL_S:
-            return
-        if self._capacity_check is None or self._capacity_check.done():
-            self._capacity_check = asyncio.ensure_future(asyncio.to_thread(self._replicas_problem))
-        try:
-            await asyncio.shield(self._capacity_check)
-        except Exception:  # the controller did not answer: admit by the last count
-            logger.warning("could not count the running replicas; admitting by the last count (%d)",
-                           self.metrics.running_capacity, exc_info=True)
+    def _waiting(self, n: int) -> int:
+        """Requests that would wait for a replica with ``n`` more in flight."""
+        return self.metrics.in_flight + n - self.metrics.running_capacity
+
+    def _count_replicas(self, max_age_s: float) -> asyncio.Future | None:
+        """Ask Serve for the running replicas (:meth:`_replicas_problem`) if the last
+        count is older than ``max_age_s``, one question at a time; returns the question
+        under way, if any."""
+        question = self._capacity_check
+        if time.monotonic() - self._capacity_checked_at >= max_age_s and (question is None or question.done()):
+            question = self._capacity_check = asyncio.ensure_future(asyncio.to_thread(self._replicas_problem))
+            question.add_done_callback(_log_count_failure)
+        return None if question is None or question.done() else question
 
     def _untrack(self, n: int = 1) -> None:
         self.metrics.in_flight -= n

@@ -213,6 +213,47 @@ def test_overflow_gets_503_quickly(server):
     assert server["client"].post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
+def test_admission_bounds_a_burst_and_counts_replicas_before_refusing():
+    """Router._admit without Ray: with 2 running replicas and a bound of 3, a burst of 6
+    admits 5 and refuses the 6th; the replica count is asked in the background, and again
+    before a refusal, so replicas added meanwhile (autoscaling) take the request; a failed
+    count leaves the last one standing."""
+    from types import MethodType, SimpleNamespace
+
+    from deployments.metrics import Metrics
+    from deployments.protocol import APIError
+    from deployments.router import Router
+
+    router = SimpleNamespace(args=SimpleNamespace(max_queued_requests=3), metrics=Metrics("m"),
+                             _capacity_checked_at=-1e9, _capacity_check=None)
+    router.metrics.running_capacity = 0
+    for name in ("_admit", "_waiting", "_count_replicas"):
+        setattr(router, name, MethodType(getattr(Router.func_or_class, name), router))
+    running, asked = [2], []
+
+    def replicas_problem():
+        asked.append(running[0])
+        if running[0] is None:
+            raise RuntimeError("controller gone")
+        router.metrics.running_capacity = running[0]
+        router._capacity_checked_at = time.monotonic()
+
+    router._replicas_problem = replicas_problem
+
+    async def burst(n):
+        return await asyncio.gather(*(router._admit() for _ in range(n)), return_exceptions=True)
+
+    results = asyncio.run(burst(6))
+    assert results[:5] == [None] * 5 and isinstance(results[5], APIError) and results[5].status == 503
+    assert router.metrics.in_flight == 5 and asked == [2]
+    running[0] = 3  # autoscaling added a replica: the next request is admitted on a fresh count
+    time.sleep(0.15)
+    assert asyncio.run(burst(1)) == [None] and router.metrics.in_flight == 6 and asked == [2, 3]
+    running[0] = None  # Serve does not answer: refused by the last count, not an error
+    time.sleep(0.15)
+    assert isinstance(asyncio.run(burst(1))[0], APIError) and router.metrics.in_flight == 6
+
+
 def _wait_engines_idle(timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
