@@ -109,6 +109,10 @@ class AppArgs(BaseModel):
     # streaming: send accepted tokens at most every this many ms (0: every step); the
     # first token always goes at once
     stream_interval_ms: float = Field(0.0, ge=0, le=1000)
+    # the engine sleeps this long after a request's first chunk (unless it is the last),
+    # so that Serve's processes, at Ray's lower priority, carry the first token at once
+    # on a host whose cores the engines fill (deployments.engine_process); 0: no pause
+    first_chunk_pause_ms: float = Field(8.0, ge=0, le=100)
     # size limits, checked by the router before any work: a larger body is a 413, a
     # longer prompt (characters, or token ids) a 400. The router sends a request to its
     # replica as one message of at most 4 MiB (Ray Serve's gRPC limit), hence the cap.

@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from multiprocessing.connection import Connection
 
 from pace_core.configs import ModelConfig
@@ -39,6 +40,15 @@ from . import NICENESS_ENV
 logger = logging.getLogger("ray.serve")
 
 USER_ERRORS = (ValueError,)  # RequestError, pydantic ValidationError and ModelLoadError are ValueErrors
+
+# After sending a request's first chunk (unless it is also the last) the engine sleeps
+# first_chunk_pause_s (app argument first_chunk_pause_ms) before decoding on. It decodes
+# at niceness 0 (raise_priority) while the processes that carry the chunk to the client
+# (replica, router, HTTP proxy) run at Ray's 15: on a host whose cores the engines fill,
+# they waited tens of ms for a time slice. The pause hands them the engine's core.
+# Measured with benchmarks/multi_turn.py on 2 cores (docs/performance.md): TTFT p50 of
+# cached turns ~140 -> ~105-115 ms (2 ms: no change; 5 to 10 ms: the same gain); it never
+# delays the first token, and costs a request's end this long.
 
 
 class EngineError(RuntimeError):
@@ -58,7 +68,7 @@ class EngineProcess:
     """Start the engine process and (unless ``wait=False``) wait until its model is
     loaded; with ``wait=False`` call :meth:`wait_ready` once :meth:`fileno` is readable."""
 
-    def __init__(self, model: ModelConfig | dict, slot=None, wait: bool = True):
+    def __init__(self, model: ModelConfig | dict, slot=None, wait: bool = True, first_chunk_pause_s: float = 0.0):
         model = ModelConfig.model_validate(model)  # the app argument ``model``; a dict is validated here
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -67,7 +77,7 @@ class EngineProcess:
         theirs.close()
         self.conn = Connection(ours.detach())
         self.info: dict = {}  # once loaded: pid, model description, pinning
-        self.send((model, slot))
+        self.send((model, slot, first_chunk_pause_s))
         if wait:
             self.wait_ready()
 
@@ -126,7 +136,7 @@ class EngineProcess:
 
 # ------------------------------------------------------------------ the engine side
 
-def _describe(model, pinned: dict) -> dict:
+def _describe(model, pinned: dict, first_chunk_pause_s: float) -> dict:
     import torch
 
     return {
@@ -142,11 +152,12 @@ def _describe(model, pinned: dict) -> dict:
         "torch_threads": torch.get_num_threads(),
         "membind": pinned.get("membind"),
         "priority": pinned.get("priority"),
+        "first_chunk_pause_ms": first_chunk_pause_s * 1000,
         "prefix_cache": model.prefix_cache_stats(),
     }
 
 
-def _serve_request(model, conn: Connection, request) -> None:
+def _serve_request(model, conn: Connection, request, first_chunk_pause_s: float = 0.0) -> None:
     """Answer one request: ("user_error", message) if it cannot be served as asked, else
     its chunks, then ("end", None or an error message). Whatever the request holds, the
     engine survives it (a Rust panic in a tokenizer is a BaseException, hence the wide
@@ -166,11 +177,15 @@ def _serve_request(model, conn: Connection, request) -> None:
         return
     error = None
     chunks = model.run(prepared)
+    first = True
     try:
         for chunk in chunks:
             if chunk.finish_reason:
                 chunk.engine = {"engine_pid": os.getpid(), "prefix_cache": model.prefix_cache_stats()}
             conn.send(("chunk", chunk))
+            if first and first_chunk_pause_s and not chunk.finish_reason:
+                time.sleep(first_chunk_pause_s)
+            first = False
             if conn.poll():  # the only message that can arrive mid-request is "stop"
                 conn.recv()
                 break
@@ -213,7 +228,7 @@ def main(fd: int) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(process)d %(levelname)s %(message)s")
     conn = Connection(fd)
-    model_config, slot = conn.recv()
+    model_config, slot, first_chunk_pause_s = conn.recv()
     pinned: dict = {"priority": raise_priority()}
     try:
         if slot is not None:
@@ -226,7 +241,7 @@ def main(fd: int) -> None:
     except Exception as err:
         conn.send(("load_error", f"{type(err).__name__}: {err}"))
         return
-    conn.send(("ready", _describe(model, pinned)))
+    conn.send(("ready", _describe(model, pinned, first_chunk_pause_s)))
     while True:
         try:
             kind, payload = conn.recv()
@@ -234,7 +249,7 @@ def main(fd: int) -> None:
             return  # the replica is gone
         if kind == "generate":
             try:
-                _serve_request(model, conn, payload)
+                _serve_request(model, conn, payload, first_chunk_pause_s)
             except (BrokenPipeError, ConnectionResetError):
                 return  # the replica is gone
         # a "stop" that raced with the end of its request: nothing to stop

@@ -96,7 +96,8 @@ class LLMReplica:
         The process is started from the loop's thread, which lives as long as the
         replica (the engine's parent-death signal follows the thread that started it)."""
         t0 = time.perf_counter()
-        engine = EngineProcess(self.args.model, self.slot.slot if self.slot else None, wait=False)
+        engine = EngineProcess(self.args.model, self.slot.slot if self.slot else None, wait=False,
+                               first_chunk_pause_s=self.args.first_chunk_pause_ms / 1000)
         try:
             await _readable(engine.fileno())
             engine.wait_ready()

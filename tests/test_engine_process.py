@@ -121,3 +121,39 @@ def test_engine_survives_any_request(tiny_pair):
         assert messages[-1] == ("end", None) and messages[-2][1].engine["engine_pid"] == engine.pid
     finally:
         engine.close()
+
+
+def test_engine_pauses_after_a_first_chunk_that_is_not_the_last(monkeypatch):
+    """_serve_request with a stand-in model: after the first chunk of a longer answer the
+    engine sleeps first_chunk_pause_s (so Serve's lower-priority processes can carry it
+    to the client) and never after the others; a one-chunk answer, or a pause of 0, gets
+    no pause. The app argument's default reaches the engine as 8 ms."""
+    from types import SimpleNamespace
+
+    from deployments import engine_process
+    from pace_core.outputs import StreamChunk
+
+    events = []
+    monkeypatch.setattr(engine_process, "time", SimpleNamespace(sleep=lambda s: events.append(("sleep", s))))
+
+    class Model:
+        def __init__(self, n):
+            self.n = n
+
+        def prepare(self, *args, **kwargs):
+            return None
+
+        def run(self, prepared):
+            for i in range(self.n):
+                yield StreamChunk([i], str(i), "length" if i == self.n - 1 else None)
+
+        def prefix_cache_stats(self):
+            return {}
+
+    conn = SimpleNamespace(send=lambda message: events.append(message[0]), poll=lambda: False)
+    engine_process._serve_request(Model(3), conn, {"prompt": "x"}, 0.008)
+    assert events == ["chunk", ("sleep", 0.008), "chunk", "chunk", "end"]
+    for n, pause in ((1, 0.008), (3, 0.0)):
+        events.clear()
+        engine_process._serve_request(Model(n), conn, {"prompt": "x"}, pause)
+        assert events == ["chunk"] * n + ["end"]

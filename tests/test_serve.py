@@ -523,7 +523,8 @@ def test_unary_client_disconnect_stops_its_generation(server):
 
 def test_replicas_run_serve_on_one_loop_and_the_engine_at_normal_priority(server):
     """build_app sets Serve's one-event-loop flags on both deployments' processes
-    (deployments.REPLICA_ENV); the engine leaves Ray's worker niceness when it may."""
+    (deployments.REPLICA_ENV); the engine leaves Ray's worker niceness when it may, and
+    pauses after a first chunk as the app argument first_chunk_pause_ms says (default 8)."""
     from ray import serve
 
     from deployments import REPLICA_ENV
@@ -538,6 +539,7 @@ def test_replicas_run_serve_on_one_loop_and_the_engine_at_normal_priority(server
         assert engine_nice == 0 and info["replica"]["priority"] == f"niceness {replica_nice} -> 0"
     else:
         assert info["replica"]["priority"] == f"niceness {engine_nice}" == f"niceness {replica_nice}"
+    assert info["replica"]["first_chunk_pause_ms"] == 8
 
 
 def test_handle_calls(server, engine):
