@@ -173,6 +173,21 @@ def test_bfloat16_mismatches_are_near_ties(tiny_pairs):
     print(f"bf16 PARD vs transformers bf16 greedy: {matched}/{total} tokens match ({matched / total:.1%})")
 
 
+def test_bfloat16_pard_equals_bfloat16_greedy(tiny_pairs):
+    """With the native kernels a bf16 verify is bit-identical to bf16 decode steps (the
+    few-rows linear and attention compute each row alone), so PARD in bf16 emits exactly
+    the engine's own bf16 greedy tokens, for every architecture."""
+    if not native.load():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    for arch, (t, d) in tiny_pairs.items():
+        plain = LLMModel(t, dtype="bfloat16", prefix_cache_gb=0)
+        pard = LLMModel(t, dtype="bfloat16", prefix_cache_gb=0,
+                        pard_config=PardSpecDecodeConfig(model_name_or_path=d, num_speculative_tokens=5))
+        for prompt in PROMPTS:
+            sampling = SamplingConfig(max_new_tokens=32, ignore_eos=True)
+            assert pard.generate(prompt, sampling).token_ids == plain.generate(prompt, sampling).token_ids, (arch, prompt)
+
+
 # --------------------------------------------------------------------------- stopping
 def test_eos_inside_an_accepted_chunk_ends_there(plain_model):
     ids = plain_model.encode(PROMPTS[2])

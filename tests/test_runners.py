@@ -149,18 +149,19 @@ def test_few_rows_linear_is_the_same_whatever_the_row_count(n_out, k_in):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_verify_logits_equal_one_token_steps(tiny_pairs, arch):
     """A 9-token forward after a prefix gives, bit for bit, the logits of nine
-    one-token forwards: speculation never changes what the target computes; nor does
-    splitting a long prompt into forwards (prefix reuse)."""
+    one-token forwards, in float32 and in bfloat16: speculation never changes what the
+    target computes; nor does splitting a long prompt into forwards (prefix reuse; float32)."""
     _native_or_skip()
-    model = LLMModel(tiny_pairs[arch][0], dtype="float32").target
-    prefix, new = list(range(5, 45)), list(range(50, 59))
-    model.reset()
-    model.forward(prefix, 1)
-    batched = model.forward(new, len(new))
-    model.reset()
-    model.forward(prefix, 1)
-    stepped = torch.cat([model.forward([t], 1) for t in new])
-    assert torch.equal(batched, stepped)
+    for dtype in ("bfloat16", "float32"):
+        model = LLMModel(tiny_pairs[arch][0], dtype=dtype).target
+        prefix, new = list(range(5, 45)), list(range(50, 59))
+        model.reset()
+        model.forward(prefix, 1)
+        batched = model.forward(new, len(new))
+        model.reset()
+        model.forward(prefix, 1)
+        stepped = torch.cat([model.forward([t], 1) for t in new])
+        assert torch.equal(batched, stepped), dtype
     # a long prompt (past the few-rows size) in one forward or in any pieces: the same
     prompt = [(7 * i) % 400 + 3 for i in range(150)]
     model.reset()
@@ -170,23 +171,27 @@ def test_verify_logits_equal_one_token_steps(tiny_pairs, arch):
     assert torch.equal(whole, pieces[-1])
 
 
-def test_few_rows_attention_matches_sdpa_and_is_row_independent():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_rows_attention_matches_sdpa_and_is_row_independent(dtype):
     """Causal attention of 1..64 new queries over a cache, query by query: close to
-    SDPA, and each query's output the same whatever else is in the call."""
+    SDPA (bfloat16: computed in float32, rounded once, against SDPA on the same values
+    in float32), and each query's output the same whatever else is in the call."""
     _native_or_skip()
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(0)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
     for H, KV, D, start in ((4, 2, 16, 0), (14, 2, 64, 37), (8, 8, 20, 5)):  # D=20: a tail past the lanes
         n = 9
-        k_cache, v_cache = torch.randn(KV, 64, D, generator=gen), torch.randn(KV, 64, D, generator=gen)
-        q = torch.randn(1, H, n, D, generator=gen)
+        k_cache, v_cache = torch.randn(KV, 64, D, generator=gen).to(dtype), torch.randn(KV, 64, D, generator=gen).to(dtype)
+        q = torch.randn(1, H, n, D, generator=gen).to(dtype)
         out = torch.ops.pace_core.attention(q, k_cache, v_cache, start, D ** -0.5)
+        assert out.dtype == dtype
         end = start + n
         mask = torch.ones(n, end, dtype=torch.bool).tril(start)
-        ref = F.scaled_dot_product_attention(q, k_cache[:, :end][None], v_cache[:, :end][None], attn_mask=mask,
-                                             enable_gqa=H != KV)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        ref = F.scaled_dot_product_attention(q.float(), k_cache[:, :end][None].float(), v_cache[:, :end][None].float(),
+                                             attn_mask=mask, enable_gqa=H != KV)
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
         for i in range(n):
             one = torch.ops.pace_core.attention(q[:, :, i : i + 1], k_cache, v_cache, start + i, D ** -0.5)
             assert torch.equal(one, out[:, :, i : i + 1])

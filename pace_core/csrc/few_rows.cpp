@@ -170,9 +170,10 @@ inline typename V::Vec exp_nonpositive(typename V::Vec x) {
 
 // One query row of one head: o = softmax(q . K^T * scale) V over keys 0..L-1.
 // Scores, exponentials and the weighted sum of values each run in key order, so the
-// result depends on nothing but this query and these keys.
-template <class V>
-inline void attend_row(const float* q, const float* k, const float* v, int64_t L, int64_t D, float scale, float* o,
+// result depends on nothing but this query and these keys. (T: the cache's float, or
+// uint16_t for a bfloat16 cache, widened exactly to float32 in registers)
+template <class V, class T>
+inline void attend_row(const float* q, const T* k, const T* v, int64_t L, int64_t D, float scale, float* o,
                        float* scores) {
   using Vec = typename V::Vec;
   constexpr int W = V::kLanes;
@@ -182,7 +183,7 @@ inline void attend_row(const float* q, const float* k, const float* v, int64_t L
     int64_t d = 0;
     for (; d + W <= D; d += W) acc = V::fma(V::load(q + d), V::load(k + j * D + d), acc);
     float s = V::sum(acc);
-    for (; d < D; ++d) s = std::fma(q[d], k[j * D + d], s);
+    for (; d < D; ++d) s = std::fma(q[d], to_float(k[j * D + d]), s);
     scores[j] = s * scale;
     top = std::max(top, scores[j]);
   }
@@ -209,21 +210,23 @@ inline void attend_row(const float* q, const float* k, const float* v, int64_t L
   }
   for (; d < D; ++d) {
     float acc = 0.0f;
-    for (int64_t j = 0; j < L; ++j) acc = std::fma(scores[j], v[j * D + d], acc);
+    for (int64_t j = 0; j < L; ++j) acc = std::fma(scores[j], to_float(v[j * D + d]), acc);
     o[d] = acc * inv;
   }
 }
 
-using AttendFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, float, float*, float*);
+using AttendFn = void (*)(const float*, const void*, const void*, int64_t, int64_t, float, float*, float*);
 
-__attribute__((target("avx512f"), flatten)) void attend_avx512(const float* q, const float* k, const float* v, int64_t L,
+template <class T>
+__attribute__((target("avx512f"), flatten)) void attend_avx512(const float* q, const void* k, const void* v, int64_t L,
                                                                int64_t D, float scale, float* o, float* scores) {
-  attend_row<Avx512>(q, k, v, L, D, scale, o, scores);
+  attend_row<Avx512>(q, static_cast<const T*>(k), static_cast<const T*>(v), L, D, scale, o, scores);
 }
 
-__attribute__((target("avx2,fma"), flatten)) void attend_avx2(const float* q, const float* k, const float* v, int64_t L,
+template <class T>
+__attribute__((target("avx2,fma"), flatten)) void attend_avx2(const float* q, const void* k, const void* v, int64_t L,
                                                               int64_t D, float scale, float* o, float* scores) {
-  attend_row<Avx2>(q, k, v, L, D, scale, o, scores);
+  attend_row<Avx2>(q, static_cast<const T*>(k), static_cast<const T*>(v), L, D, scale, o, scores);
 }
 
 using RowsFn = void (*)(const float*, const void*, int64_t, float*, int64_t, int64_t, int64_t);
@@ -240,7 +243,8 @@ struct Kernels {
   Pass pass[kMaxPass + 1];  // by input rows in the pass (MB): float32 weights
   Pass pass_bf16[kMaxPass + 1];  // bfloat16 weights
   int max_pass = 0;
-  AttendFn attend = nullptr;
+  AttendFn attend = nullptr;  // float32 cache
+  AttendFn attend_bf16 = nullptr;  // bfloat16 cache
 };
 
 // NB x MB blocks with at most V::kMaxAcc accumulators
@@ -270,12 +274,14 @@ Kernels pick_kernels() {
     fill_avx512<float>(k.pass);
     fill_avx512<uint16_t>(k.pass_bf16);
     k.max_pass = 12;
-    k.attend = attend_avx512;
+    k.attend = attend_avx512<float>;
+    k.attend_bf16 = attend_avx512<uint16_t>;
   } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     fill_avx2<float>(k.pass);
     fill_avx2<uint16_t>(k.pass_bf16);
     k.max_pass = 6;
-    k.attend = attend_avx2;
+    k.attend = attend_avx2<float>;
+    k.attend_bf16 = attend_avx2<uint16_t>;
   }
   return k;
 }
@@ -347,27 +353,31 @@ at::Tensor few_rows_linear(const at::Tensor& x_in, const at::Tensor& weight, con
 at::Tensor few_rows_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                               int64_t start, double scaling) {
   TORCH_CHECK(few_rows_linear_supported(), "few_rows_attention needs AVX2+FMA or AVX-512");
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "few_rows_attention: float32 only");
+  const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || bf16) && q_in.scalar_type() == k_cache.scalar_type() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "few_rows_attention: float32 or bfloat16 only, the same for q and the caches");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "few_rows_attention: contiguous caches only");
-  const at::Tensor q = q_in.contiguous();
+  const at::Tensor q = q_in.to(at::kFloat).contiguous();  // bfloat16 queries widen exactly
   const int64_t H = q.size(1), n = q.size(2), D = q.size(3), KV = k_cache.size(0), cap = k_cache.size(1);
   TORCH_CHECK(H % KV == 0 && start + n <= cap, "few_rows_attention: bad shapes");
   at::Tensor o = at::empty_like(q);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
+  const char* kp = static_cast<const char*>(k_cache.data_ptr());
+  const char* vp = static_cast<const char*>(v_cache.data_ptr());
+  const int64_t head_bytes = cap * D * k_cache.element_size();
   float* op = o.data_ptr<float>();
-  const AttendFn attend = kernels().attend;
+  const AttendFn attend = bf16 ? kernels().attend_bf16 : kernels().attend;
   const int64_t group = H / KV;
   const float scale = static_cast<float>(scaling);
   at::parallel_for(0, H * n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(start + n + 16);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t h = t / n, i = t % n, g = h / group;
-      attend(qp + t * D, kp + g * cap * D, vp + g * cap * D, start + i + 1, D, scale, op + t * D, scores.data());
+      attend(qp + t * D, kp + g * head_bytes, vp + g * head_bytes, start + i + 1, D, scale, op + t * D, scores.data());
     }
   });
-  return o;
+  return o.to(q_in.scalar_type());  // float32 sums, rounded to bfloat16 once
 }
 
 // Which vector path runs: "avx512", "avx2" or "" (none: callers use torch's ops).

@@ -54,11 +54,13 @@ int64_t few_rows_limit() { return kFewRows; }
 namespace {
 
 // Causal attention of the n new queries over [cache + new] (query i sees keys
-// 0..start+i): the few-rows kernel for decode steps and verifies of float32 models
-// (each query row computed alone: a verify's rows equal one-token steps'), SDPA otherwise.
+// 0..start+i): the few-rows kernel for decode steps and verifies of float32 and bfloat16
+// models (each query row computed alone: a verify's rows equal one-token steps'), SDPA
+// otherwise.
 Tensor attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t start, double scaling) {
   const int64_t n = q.size(2), end = start + n, H = q.size(1), KV = k_cache.size(0);
-  if (n <= kFewRows && q.scalar_type() == at::kFloat && few_rows_linear_supported())
+  const bool dtype_ok = q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16;
+  if (n <= kFewRows && dtype_ok && q.scalar_type() == k_cache.scalar_type() && few_rows_linear_supported())
     return few_rows_attention(q, k_cache, v_cache, start, scaling);
   std::optional<Tensor> mask;
   if (n > 1) mask = at::ones({n, end}, at::kBool).tril(start);
