@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,10 @@ class LeanRunner:
         # float32 forwards run in chunks of up to this many tokens through the few-rows
         # linear and attention kernels (0: no native kernels)
         self.few_rows = torch.ops.pace_core.few_rows_limit() if kernels else 0
+        # rows computed alone (CausalLMRunner.row_exact_limit): float32 forwards of any
+        # length (chunked below); bfloat16 ones up to the few-rows size (a longer prompt
+        # goes through torch's GEMM, faster there); none without the kernels
+        self.row_exact_limit = (math.inf if self.dtype == torch.float32 else self.few_rows) if kernels else 0
         self.capacity = 0
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []

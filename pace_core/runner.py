@@ -11,6 +11,11 @@ import torch
 
 
 class CausalLMRunner:
+    # a forward of up to this many tokens computes each token's row exactly as a
+    # one-token forward would (math.inf: any length; 0: no such promise, as here:
+    # transformers' GEMMs round by shape). The decoder keeps its first verify within it.
+    row_exact_limit: float = 0
+
     def __init__(self, model, vocab_limit: int | None = None):
         self.model = model
         # ids >= vocab_limit are padding rows of the embedding: never proposed

@@ -176,15 +176,19 @@ def test_bfloat16_mismatches_are_near_ties(tiny_pairs):
 def test_bfloat16_pard_equals_bfloat16_greedy(tiny_pairs):
     """With the native kernels a bf16 verify is bit-identical to bf16 decode steps (the
     few-rows linear and attention compute each row alone), so PARD in bf16 emits exactly
-    the engine's own bf16 greedy tokens, for every architecture."""
+    the engine's own bf16 greedy tokens, for every architecture; also for prompts whose
+    first verify would pass the few-rows size (60 + 8 tokens: the prompt is then read
+    alone, as plain decoding reads it, row_exact_limit) and longer ones (torch's GEMM)."""
     if not native.load():
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    sampling = SamplingConfig(max_new_tokens=32, ignore_eos=True)
     for arch, (t, d) in tiny_pairs.items():
         plain = LLMModel(t, dtype="bfloat16", prefix_cache_gb=0)
         pard = LLMModel(t, dtype="bfloat16", prefix_cache_gb=0,
-                        pard_config=PardSpecDecodeConfig(model_name_or_path=d, num_speculative_tokens=5))
-        for prompt in PROMPTS:
-            sampling = SamplingConfig(max_new_tokens=32, ignore_eos=True)
+                        pard_config=PardSpecDecodeConfig(model_name_or_path=d, num_speculative_tokens=8))
+        assert plain.target.row_exact_limit == 64
+        long_prompts = [[(31 * i + n) % 400 + 3 for i in range(n)] for n in (57, 60, 64, 100, 200)]
+        for prompt in PROMPTS + long_prompts:
             assert pard.generate(prompt, sampling).token_ids == plain.generate(prompt, sampling).token_ids, (arch, prompt)
 
 

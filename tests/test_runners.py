@@ -197,22 +197,25 @@ def test_few_rows_attention_matches_sdpa_and_is_row_independent(dtype):
             assert torch.equal(one, out[:, :, i : i + 1])
 
 
-def test_few_rows_kernels_on_the_avx2_path_too():
-    """The AVX2 path of the few-rows kernels (what an AVX2-only EPYC runs) passes the
-    same checks, forced with PACE_KERNEL_ISA=avx2 on an AVX-512 CPU."""
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_few_rows_kernels_on_the_lesser_paths_too(isa):
+    """The AVX2 path of the few-rows kernels (what an AVX2-only EPYC runs) and the AVX-512
+    path without BF16 dot products (bfloat16 widened to float32: an AVX-512 CPU without
+    AVX512_BF16) pass the same checks, forced with PACE_KERNEL_ISA on a CPU that has more."""
     import os
     import subprocess
     import sys
 
     _native_or_skip()
-    if os.environ.get("PACE_KERNEL_ISA") == "avx2":
-        pytest.skip("already on the AVX2 path")
-    if torch.ops.pace_core.few_rows_isa() != "avx512":
-        pytest.skip("this CPU runs the AVX2 path (or none) already")
-    env = {**os.environ, "PACE_KERNEL_ISA": "avx2"}
+    if os.environ.get("PACE_KERNEL_ISA"):
+        pytest.skip("already on a forced path")
+    better = {"avx2": ("avx512", "avx512-bf16"), "avx512": ("avx512-bf16",)}[isa]
+    if torch.ops.pace_core.few_rows_isa() not in better:
+        pytest.skip(f"this CPU runs the {isa} path (or a lesser one) already")
+    env = {**os.environ, "PACE_KERNEL_ISA": isa}
     probe = subprocess.run([sys.executable, "-c", "import torch; from pace_core import native; native.load(); "
                             "print(torch.ops.pace_core.few_rows_isa())"], env=env, capture_output=True, text=True)
-    assert probe.stdout.strip() == "avx2", probe.stderr[-2000:]
+    assert probe.stdout.strip() == isa, probe.stderr[-2000:]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                           "few_rows_linear or few_rows_attention or verify_logits or bit_identical"],
                          env=env, capture_output=True, text=True, timeout=600)

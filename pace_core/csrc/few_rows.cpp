@@ -13,10 +13,11 @@
 // query row alone. A 9-token verify therefore gives bit-identical results to nine
 // 1-token forwards: speculation never changes a logit.
 //
-// Float32 (linear and attention) and bfloat16 weights (linear: widened exactly in
-// registers), with AVX-512 or AVX2+FMA chosen at run time (PACE_KERNEL_ISA=avx2 forces
-// the latter); other dtypes and CPUs use torch's ops (callers check
-// few_rows_linear_supported).
+// Float32 and bfloat16 (linear: bfloat16 weights and inputs multiplied with AVX512_BF16
+// dot products where the CPU has them, else widened exactly in registers; attention:
+// a bfloat16 cache widened exactly, float32 sums), with AVX-512 or AVX2+FMA chosen at run
+// time (PACE_KERNEL_ISA=avx2 / avx512 force the lesser paths); other dtypes and CPUs use
+// torch's ops (callers check few_rows_linear_supported).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -139,15 +140,55 @@ inline void block(const float* x, const T* w, int64_t K, float* y, int64_t ldy) 
 // Weight rows [first, last) in blocks of NB (last - first divisible by NB), input rows
 // in one pass of MB.
 template <class T, int NB, int MB>
-__attribute__((target("avx512f"), flatten)) void rows_avx512(const float* x, const void* w, int64_t K, float* y, int64_t ldy,
+__attribute__((target("avx512f"), flatten)) void rows_avx512(const void* x, const void* w, int64_t K, float* y, int64_t ldy,
                                                     int64_t first, int64_t last) {
-  for (int64_t n = first; n < last; n += NB) block<Avx512, T, NB, MB>(x, static_cast<const T*>(w) + n * K, K, y + n, ldy);
+  for (int64_t n = first; n < last; n += NB)
+    block<Avx512, T, NB, MB>(static_cast<const float*>(x), static_cast<const T*>(w) + n * K, K, y + n, ldy);
 }
 
 template <class T, int NB, int MB>
-__attribute__((target("avx2,fma"), flatten)) void rows_avx2(const float* x, const void* w, int64_t K, float* y, int64_t ldy,
+__attribute__((target("avx2,fma"), flatten)) void rows_avx2(const void* x, const void* w, int64_t K, float* y, int64_t ldy,
                                                    int64_t first, int64_t last) {
-  for (int64_t n = first; n < last; n += NB) block<Avx2, T, NB, MB>(x, static_cast<const T*>(w) + n * K, K, y + n, ldy);
+  for (int64_t n = first; n < last; n += NB)
+    block<Avx2, T, NB, MB>(static_cast<const float*>(x), static_cast<const T*>(w) + n * K, K, y + n, ldy);
+}
+
+// bfloat16 weights and inputs on CPUs with AVX512_BF16: VDPBF16PS multiplies 32 pairs
+// of bfloat16 (products exact) and adds each pair into a float32 lane, a quarter of the
+// instructions of widening both and FMA-ing (which streamed at ~0.78 of float32's
+// bandwidth: the extra instructions, not the arithmetic, held back the loads). Each
+// output element is still the same sequence of operations for any row count.
+template <int NB, int MB>
+__attribute__((target("avx512f,avx512bf16"))) inline void block_dpbf16(const uint16_t* x, const uint16_t* w, int64_t K,
+                                                                        float* y, int64_t ldy) {
+  __m512 acc[NB][MB];
+  for (int n = 0; n < NB; ++n)
+    for (int m = 0; m < MB; ++m) acc[n][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512i wv[NB];
+    for (int n = 0; n < NB; ++n) {
+      wv[n] = _mm512_loadu_si512(w + n * K + k);
+      if (MB > 2) __builtin_prefetch(w + (n + kPrefetchBlocks * NB) * K + k);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+      for (int n = 0; n < NB; ++n) acc[n][m] = _mm512_dpbf16_ps(acc[n][m], (__m512bh)wv[n], xv);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) {
+      float s = Avx512::sum(acc[n][m]);
+      for (int64_t t = k; t < K; ++t) s = std::fma(to_float(w[n * K + t]), to_float(x[m * K + t]), s);
+      y[m * ldy + n] = s;
+    }
+}
+
+template <int NB, int MB>
+__attribute__((target("avx512f,avx512bf16"), flatten)) void rows_dpbf16(const void* x, const void* w, int64_t K, float* y,
+                                                                       int64_t ldy, int64_t first, int64_t last) {
+  for (int64_t n = first; n < last; n += NB)
+    block_dpbf16<NB, MB>(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(w) + n * K, K, y + n, ldy);
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the max): Cephes' expf, ~1 ulp
@@ -229,7 +270,7 @@ __attribute__((target("avx2,fma"), flatten)) void attend_avx2(const float* q, co
   attend_row<Avx2>(q, static_cast<const T*>(k), static_cast<const T*>(v), L, D, scale, o, scores);
 }
 
-using RowsFn = void (*)(const float*, const void*, int64_t, float*, int64_t, int64_t, int64_t);
+using RowsFn = void (*)(const void*, const void*, int64_t, float*, int64_t, int64_t, int64_t);
 
 struct Pass {
   RowsFn fn = nullptr;
@@ -242,6 +283,7 @@ constexpr int64_t kChunkRows = 4;  // weight rows per chunk: a multiple of every
 struct Kernels {
   Pass pass[kMaxPass + 1];  // by input rows in the pass (MB): float32 weights
   Pass pass_bf16[kMaxPass + 1];  // bfloat16 weights
+  Pass pass_dpbf16[kMaxPass + 1];  // bfloat16 weights and inputs, AVX512_BF16 (none: widen)
   int max_pass = 0;
   AttendFn attend = nullptr;  // float32 cache
   AttendFn attend_bf16 = nullptr;  // bfloat16 cache
@@ -257,6 +299,14 @@ void fill_avx512(Pass* t) {
   std::copy(std::begin(p), std::end(p), t);
 }
 
+void fill_dpbf16(Pass* t) {
+  Pass p[] = {{}, {rows_dpbf16<4, 1>, 4}, {rows_dpbf16<4, 2>, 4}, {rows_dpbf16<4, 3>, 4},
+              {rows_dpbf16<4, 4>, 4}, {rows_dpbf16<4, 5>, 4}, {rows_dpbf16<4, 6>, 4},
+              {rows_dpbf16<2, 7>, 2}, {rows_dpbf16<2, 8>, 2}, {rows_dpbf16<2, 9>, 2},
+              {rows_dpbf16<2, 10>, 2}, {rows_dpbf16<2, 11>, 2}, {rows_dpbf16<2, 12>, 2}};
+  std::copy(std::begin(p), std::end(p), t);
+}
+
 template <class T>
 void fill_avx2(Pass* t) {
   Pass p[] = {{}, {rows_avx2<T, 4, 1>, 4}, {rows_avx2<T, 4, 2>, 4}, {rows_avx2<T, 4, 3>, 4},
@@ -267,12 +317,15 @@ void fill_avx2(Pass* t) {
 Kernels pick_kernels() {
   Kernels k;
   __builtin_cpu_init();
-  // PACE_KERNEL_ISA=avx2 takes the AVX2 path on an AVX-512 CPU (tests run both)
+  // PACE_KERNEL_ISA=avx2 takes the AVX2 path on an AVX-512 CPU, =avx512 the AVX-512
+  // path without BF16 dot products on a CPU that has them (tests run every path)
   const char* isa = std::getenv("PACE_KERNEL_ISA");
   const bool allow_avx512 = !(isa && std::string(isa) == "avx2");
+  const bool allow_dpbf16 = allow_avx512 && !(isa && std::string(isa) == "avx512");
   if (allow_avx512 && __builtin_cpu_supports("avx512f")) {
     fill_avx512<float>(k.pass);
     fill_avx512<uint16_t>(k.pass_bf16);
+    if (allow_dpbf16 && __builtin_cpu_supports("avx512bf16")) fill_dpbf16(k.pass_dpbf16);
     k.max_pass = 12;
     k.attend = attend_avx512<float>;
     k.attend_bf16 = attend_avx512<uint16_t>;
@@ -306,13 +359,15 @@ at::Tensor few_rows_linear(const at::Tensor& x_in, const at::Tensor& weight, con
   const int64_t K = weight.size(1), N = weight.size(0);
   TORCH_CHECK(x_in.size(-1) == K, "few_rows_linear: x has ", x_in.size(-1), " features, the weight ", K);
   const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) == K ? weight : weight.contiguous();
-  const at::Tensor x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
+  const Kernels& kern = kernels();
+  const bool dp = bf16 && kern.pass_dpbf16[1].fn != nullptr;  // bfloat16 dot products: the input stays bfloat16
+  const at::Tensor x = dp ? x_in.reshape({-1, K}).contiguous() : x_in.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const char* xp = static_cast<const char*>(x.data_ptr());
+  const int64_t x_row_bytes = K * x.element_size();
   const void* wp = w.data_ptr();
   float* yp = y.data_ptr<float>();
-  const Kernels& kern = kernels();
   // input rows in balanced passes of at most max_pass rows, all passes over one chunk of
   // weight rows before the next chunk: the chunk is read from memory once, then from cache
   struct PassRows {
@@ -323,7 +378,7 @@ at::Tensor few_rows_linear(const at::Tensor& x_in, const at::Tensor& weight, con
   const int64_t num_passes = (M + kern.max_pass - 1) / kern.max_pass;
   for (int64_t p = 0, m = 0; p < num_passes; ++p) {
     const int64_t mb = (M - m) / (num_passes - p);
-    passes.push_back({m, mb, bf16 ? &kern.pass_bf16[mb] : &kern.pass[mb]});
+    passes.push_back({m, mb, dp ? &kern.pass_dpbf16[mb] : bf16 ? &kern.pass_bf16[mb] : &kern.pass[mb]});
     m += mb;
   }
   const int64_t chunks = N / kChunkRows;
@@ -331,14 +386,14 @@ at::Tensor few_rows_linear(const at::Tensor& x_in, const at::Tensor& weight, con
   at::parallel_for(0, chunks, 4, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c)
       for (const PassRows& p : passes)
-        p.pass->fn(xp + p.first * K, wp, K, yp + p.first * N, N, c * kChunkRows, (c + 1) * kChunkRows);
+        p.pass->fn(xp + p.first * x_row_bytes, wp, K, yp + p.first * N, N, c * kChunkRows, (c + 1) * kChunkRows);
   });
   if (const int64_t rest = N - chunks * kChunkRows) {  // the last N % 4 outputs, via a zero-padded chunk
     at::Tensor pad = at::zeros({kChunkRows, K}, w.options());
     pad.slice(0, 0, rest).copy_(w.slice(0, N - rest));
-    at::Tensor out = at::empty({M, kChunkRows}, x.options());
+    at::Tensor out = at::empty({M, kChunkRows}, y.options());
     for (const PassRows& p : passes)
-      p.pass->fn(xp + p.first * K, pad.data_ptr(), K, out.data_ptr<float>() + p.first * kChunkRows, kChunkRows, 0,
+      p.pass->fn(xp + p.first * x_row_bytes, pad.data_ptr(), K, out.data_ptr<float>() + p.first * kChunkRows, kChunkRows, 0,
                  kChunkRows);
     y.slice(1, N - rest).copy_(out.slice(1, 0, rest));
   }
@@ -380,8 +435,10 @@ at::Tensor few_rows_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
   return o.to(q_in.scalar_type());  // float32 sums, rounded to bfloat16 once
 }
 
-// Which vector path runs: "avx512", "avx2" or "" (none: callers use torch's ops).
+// Which vector path runs: "avx512-bf16" (AVX-512 with BF16 dot products for bfloat16),
+// "avx512", "avx2" or "" (none: callers use torch's ops).
 std::string few_rows_isa() {
   const Kernels& k = kernels();
-  return k.max_pass == 12 ? "avx512" : k.max_pass == 6 ? "avx2" : "";
+  if (k.max_pass == 12) return k.pass_dpbf16[1].fn ? "avx512-bf16" : "avx512";
+  return k.max_pass == 6 ? "avx2" : "";
 }
