@@ -1,8 +1,14 @@
 """Where one forward of the lean runner goes: the time of a forward of n new tokens
 (after a --prefix-token prefix) with the C++ layer loop and with the Python one, the
 time of its layer GEMMs alone and of its output projection alone (the same weights
-through the same linear, on random inputs), per model. The rest of a forward is
-attention, the small ops between the GEMMs and per-op overhead.
+through the same linear, on random inputs; with the GB/s they stream, beside the
+host's read bandwidth), and of its attention alone (every layer's, over the prefix:
+the forward's own op, and torch's SDPA for comparison), per model. The rest of a
+forward is the small ops between them and per-op overhead.
+
+    python benchmarks/forward_profile.py --models ~/.cache/pace_core/real_shapes/qwen2.5-0.5b \
+        --dtype bfloat16 --prefix 256 --tokens 1,9 --threads 2 --reps 20
+    PACE_KERNEL_ISA=avx512 python benchmarks/forward_profile.py ...  # bf16 widened, no dot products
 
     python benchmarks/forward_profile.py                 # the demo pair, 1 thread
     python benchmarks/forward_profile.py --models ~/.cache/pace_core/real_shapes/qwen2.5-0.5b \
@@ -41,21 +47,28 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prefix", type=int, default=60, help="tokens in the cache before the timed forwards")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
 
     import torch
+    import torch.nn.functional as F
 
     from pace_core import LLMModel
 
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from real_shapes import read_bandwidth_gbs
+
     torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype)
+    bandwidth = read_bandwidth_gbs(a.threads)
     paths = a.models.split(",")
     if a.smoke:
         from pace_core.testing import build_pair
 
         paths, a.reps = list(build_pair(tempfile.mkdtemp(prefix="pace-smoke-"), "qwen2")), 3
     for path in paths:
-        runner = LLMModel(path, dtype="float32", runner="lean").target
+        runner = LLMModel(path, dtype=a.dtype, runner="lean").target
         gemms = [(w, b) for i, layer in enumerate(runner.layers)
                  for w, b in (runner.qkv[i], (layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias),
                               runner.gate_up[i], (layer.mlp.down_proj.weight, layer.mlp.down_proj.bias))]
@@ -65,8 +78,10 @@ def main(argv=None) -> int:
         runner.forward(prefix, 1)
         for n in (int(t) for t in a.tokens.split(",")):
             new = [(7 + i) % runner.vocab_limit for i in range(n)]
-            inputs = [torch.randn(n, w.shape[1]) for w, _ in gemms]
-            head_input = torch.randn(n, head[0].shape[1])
+            inputs = [torch.randn(n, w.shape[1]).to(dtype) for w, _ in gemms]
+            head_input = torch.randn(n, head[0].shape[1]).to(dtype)
+            q = torch.randn(1, runner.num_heads, n, runner.head_dim).to(dtype)
+            start = len(prefix)  # the new tokens' keys sit after the prefix (values from the warm-up)
 
             def step():
                 runner.seq_len = len(prefix)
@@ -81,7 +96,24 @@ def main(argv=None) -> int:
                 with torch.inference_mode():
                     runner.linear(head_input, *head)
 
-            row = {"model": path, "tokens": n, "native_available": runner.native}
+            def attention_only():  # the forward's own attention op, every layer
+                with torch.inference_mode():
+                    for k, v in zip(runner.k_cache, runner.v_cache):
+                        runner.attention(q, k, v, start)
+
+            def attention_sdpa():
+                end = start + n
+                mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start) if n > 1 else None
+                with torch.inference_mode():
+                    for k, v in zip(runner.k_cache, runner.v_cache):
+                        F.scaled_dot_product_attention(q, k[:, :end][None], v[:, :end][None], attn_mask=mask,
+                                                       scale=runner.scaling,
+                                                       enable_gqa=runner.num_heads != runner.num_kv_heads)
+
+            row = {"model": path, "dtype": a.dtype, "tokens": n, "native_available": runner.native,
+                   "read_bandwidth_gbs": round(bandwidth, 1)}
+            if runner.few_rows:
+                row["kernel_isa"] = torch.ops.pace_core.few_rows_isa()
             for native in ([True, False] if runner.native else [False]):
                 runner.native = native
                 step()  # warm-up
@@ -90,6 +122,12 @@ def main(argv=None) -> int:
             gemms_only()
             row["layer_gemms_ms"] = median_ms(gemms_only, a.reps)
             row["lm_head_ms"] = median_ms(lm_head_only, a.reps)
+            layer_bytes = sum(w.numel() * w.element_size() for w, _ in gemms)
+            row["layer_gemms_gbs"] = round(layer_bytes / row["layer_gemms_ms"] / 1e6, 1)
+            row["lm_head_gbs"] = round(head[0].numel() * head[0].element_size() / row["lm_head_ms"] / 1e6, 1)
+            attention_only()
+            row["attention_ms"] = median_ms(attention_only, a.reps)
+            row["attention_sdpa_ms"] = median_ms(attention_sdpa, a.reps)
             print(json.dumps(row), flush=True)
     return 0
 

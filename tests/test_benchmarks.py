@@ -118,14 +118,17 @@ def test_replica_overhead_smoke(tmp_path):
     assert all(r > 0 for r in ratios.values())
 
 
-def test_forward_profile_smoke():
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "forward_profile.py"), "--smoke"],
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forward_profile_smoke(dtype):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "forward_profile.py"), "--smoke", "--dtype", dtype],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert [r["tokens"] for r in rows] == [1, 9, 1, 9]  # target and draft
     for r in rows:
+        assert r["dtype"] == dtype and r["read_bandwidth_gbs"] > 0
         assert r["forward_python_ms"] > 0 and r["layer_gemms_ms"] > 0 and r["lm_head_ms"] > 0
+        assert r["layer_gemms_gbs"] > 0 and r["attention_ms"] > 0 and r["attention_sdpa_ms"] > 0
         if r["native_available"]:
             assert r["forward_native_ms"] > 0
 
