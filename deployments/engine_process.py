@@ -41,15 +41,6 @@ logger = logging.getLogger("ray.serve")
 
 USER_ERRORS = (ValueError,)  # RequestError, pydantic ValidationError and ModelLoadError are ValueErrors
 
-# After sending a request's first chunk (unless it is also the last) the engine sleeps
-# first_chunk_pause_s (app argument first_chunk_pause_ms) before decoding on. It decodes
-# at niceness 0 (raise_priority) while the processes that carry the chunk to the client
-# (replica, router, HTTP proxy) run at Ray's 15: on a host whose cores the engines fill,
-# they waited tens of ms for a time slice. The pause hands them the engine's core.
-# Measured with benchmarks/multi_turn.py on 2 cores (docs/performance.md): TTFT p50 of
-# cached turns ~140 -> ~105-115 ms (2 ms: no change; 5 to 10 ms: the same gain); it never
-# delays the first token, and costs a request's end this long.
-
 
 class EngineError(RuntimeError):
     """The engine process died (or broke the protocol) while serving a request."""
@@ -161,7 +152,17 @@ def _serve_request(model, conn: Connection, request, first_chunk_pause_s: float 
     """Answer one request: ("user_error", message) if it cannot be served as asked, else
     its chunks, then ("end", None or an error message). Whatever the request holds, the
     engine survives it (a Rust panic in a tokenizer is a BaseException, hence the wide
-    catches)."""
+    catches).
+
+    After the first chunk (unless it is also the last) the engine sleeps
+    ``first_chunk_pause_s`` (app argument first_chunk_pause_ms) before decoding on. It
+    decodes at niceness 0 (:func:`raise_priority`) while the processes that carry the
+    chunk to the client (replica, router, HTTP proxy) run at Ray's 15: on a host whose
+    cores the engines fill, they waited tens of ms for a time slice; the pause hands them
+    the engine's core. Measured with benchmarks/multi_turn.py on 2 cores
+    (docs/performance.md): TTFT p50 of cached turns ~140 -> ~105-115 ms (2 ms: no change;
+    5 to 10 ms: the same gain). It never delays the first token; a request ends that
+    much later."""
     rid = request.get("request_id") if isinstance(request, dict) else None
     try:
         prepared = model.prepare(request.get("prompt"), request.get("sampling") or {}, messages=request.get("messages"),
