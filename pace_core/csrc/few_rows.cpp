@@ -277,7 +277,12 @@ struct Pass {
   int weight_rows = 0;  // NB
 };
 
-constexpr int kMaxPass = 12;  // input rows per pass (more rows: several passes)
+// Input rows per pass; more rows take several passes over each chunk of weight rows while
+// it is in cache. On AVX-512, passes of up to 6 rows with 4 weight rows a block beat single
+// passes of 7..12 rows with 2 (forward_profile.py, Qwen2.5-0.5B shape, float32: 9 tokens
+// 67 -> 52-57 ms, 13 tokens 79 -> 62-67 ms; bfloat16 9 tokens 35-37 -> 29-30 ms); 3-row
+// passes lost. On AVX2, 6 rows with 2 weight rows a block or 3 with 4 measured the same.
+constexpr int kMaxPass = 6;
 constexpr int64_t kChunkRows = 4;  // weight rows per chunk: a multiple of every NB
 
 struct Kernels {
@@ -285,6 +290,7 @@ struct Kernels {
   Pass pass_bf16[kMaxPass + 1];  // bfloat16 weights
   Pass pass_dpbf16[kMaxPass + 1];  // bfloat16 weights and inputs, AVX512_BF16 (none: widen)
   int max_pass = 0;
+  const char* isa = "";  // few_rows_isa()
   AttendFn attend = nullptr;  // float32 cache
   AttendFn attend_bf16 = nullptr;  // bfloat16 cache
 };
@@ -293,17 +299,13 @@ struct Kernels {
 template <class T>
 void fill_avx512(Pass* t) {
   Pass p[] = {{}, {rows_avx512<T, 4, 1>, 4}, {rows_avx512<T, 4, 2>, 4}, {rows_avx512<T, 4, 3>, 4},
-              {rows_avx512<T, 4, 4>, 4}, {rows_avx512<T, 4, 5>, 4}, {rows_avx512<T, 4, 6>, 4},
-              {rows_avx512<T, 2, 7>, 2}, {rows_avx512<T, 2, 8>, 2}, {rows_avx512<T, 2, 9>, 2},
-              {rows_avx512<T, 2, 10>, 2}, {rows_avx512<T, 2, 11>, 2}, {rows_avx512<T, 2, 12>, 2}};
+              {rows_avx512<T, 4, 4>, 4}, {rows_avx512<T, 4, 5>, 4}, {rows_avx512<T, 4, 6>, 4}};
   std::copy(std::begin(p), std::end(p), t);
 }
 
 void fill_dpbf16(Pass* t) {
   Pass p[] = {{}, {rows_dpbf16<4, 1>, 4}, {rows_dpbf16<4, 2>, 4}, {rows_dpbf16<4, 3>, 4},
-              {rows_dpbf16<4, 4>, 4}, {rows_dpbf16<4, 5>, 4}, {rows_dpbf16<4, 6>, 4},
-              {rows_dpbf16<2, 7>, 2}, {rows_dpbf16<2, 8>, 2}, {rows_dpbf16<2, 9>, 2},
-              {rows_dpbf16<2, 10>, 2}, {rows_dpbf16<2, 11>, 2}, {rows_dpbf16<2, 12>, 2}};
+              {rows_dpbf16<4, 4>, 4}, {rows_dpbf16<4, 5>, 4}, {rows_dpbf16<4, 6>, 4}};
   std::copy(std::begin(p), std::end(p), t);
 }
 
@@ -325,14 +327,17 @@ Kernels pick_kernels() {
   if (allow_avx512 && __builtin_cpu_supports("avx512f")) {
     fill_avx512<float>(k.pass);
     fill_avx512<uint16_t>(k.pass_bf16);
-    if (allow_dpbf16 && __builtin_cpu_supports("avx512bf16")) fill_dpbf16(k.pass_dpbf16);
-    k.max_pass = 12;
+    const bool dpbf16 = allow_dpbf16 && __builtin_cpu_supports("avx512bf16");
+    if (dpbf16) fill_dpbf16(k.pass_dpbf16);
+    k.max_pass = 6;
+    k.isa = dpbf16 ? "avx512-bf16" : "avx512";
     k.attend = attend_avx512<float>;
     k.attend_bf16 = attend_avx512<uint16_t>;
   } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     fill_avx2<float>(k.pass);
     fill_avx2<uint16_t>(k.pass_bf16);
     k.max_pass = 6;
+    k.isa = "avx2";
     k.attend = attend_avx2<float>;
     k.attend_bf16 = attend_avx2<uint16_t>;
   }
@@ -438,7 +443,5 @@ at::Tensor few_rows_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
 // Which vector path runs: "avx512-bf16" (AVX-512 with BF16 dot products for bfloat16),
 // "avx512", "avx2" or "" (none: callers use torch's ops).
 std::string few_rows_isa() {
-  const Kernels& k = kernels();
-  if (k.max_pass == 12) return k.pass_dpbf16[1].fn ? "avx512-bf16" : "avx512";
-  return k.max_pass == 6 ? "avx2" : "";
+  return kernels().isa;
 }
