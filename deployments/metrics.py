@@ -101,9 +101,14 @@ class Metrics:
         prompt, cached = self._cache_tokens
         return cached / prompt if prompt else 0.0
 
+    def waiting(self, more: int = 0) -> int:
+        """Requests waiting for a replica (in flight beyond the running replicas) with
+        ``more`` in flight; negative while replicas are free."""
+        return self.in_flight + more - self.running_capacity
+
     @property
     def queue_depth(self) -> int:
-        return max(0, self.in_flight - self.running_capacity)
+        return max(0, self.waiting())
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition the ``Accept`` header asks for, and its content type."""

@@ -226,19 +226,15 @@ class Router:
         a replica that autoscaling just added is never missed)."""
         limit = self.args.max_queued_requests
         self._count_replicas(CAPACITY_TTL_S)
-        if self._waiting(n) > limit:
+        if self.metrics.waiting(n) > limit:
             question = self._count_replicas(max_age_s=0.1)
             if question is not None:
                 await asyncio.wait([question])  # a failure is logged; the last count stands
-            if self._waiting(n) > limit:
+            if self.metrics.waiting(n) > limit:
                 raise APIError(503, f"server busy: every replica is busy and {limit} requests are waiting (app "
                                     "argument max_queued_requests); retry later", code="overloaded",
                                type_="server_error")
         self.metrics.in_flight += n
-
-    def _waiting(self, n: int) -> int:
-        """Requests that would wait for a replica with ``n`` more in flight."""
-        return self.metrics.in_flight + n - self.metrics.running_capacity
 
     def _count_replicas(self, max_age_s: float) -> asyncio.Future | None:
         """Ask Serve for the running replicas (:meth:`_replicas_problem`) if the last

@@ -93,6 +93,8 @@ class PrefixCache:
 
     @staticmethod
     def usable(runners) -> bool:
+        """Whether ``runners`` can copy their KV out and in (checked at each use too: a
+        runner can be swapped after loading, as the benchmarks' oracle draft is)."""
         return all(hasattr(r, "read_kv") and hasattr(r, "write_kv") for r in runners)
 
     def _path(self, token_ids: list[int], max_tokens: int) -> list[Block]:
@@ -110,11 +112,10 @@ class PrefixCache:
             self.blocks.move_to_end(block.key)
 
     def load(self, prompt_ids: list[int], runners: list) -> int:
-        """Reset ``runners`` and load the KV of the longest cached prefix of the prompt
-        (leaving at least its last token to compute, whose logits start decoding);
-        return how many tokens were loaded."""
-        for runner in runners:
-            runner.reset()
+        """Load the KV of the longest cached prefix of the prompt into ``runners`` (their
+        whole sequence then: :meth:`LeanRunner.write_kv`), leaving at least its last token
+        to compute, whose logits start decoding; return how many tokens were loaded (0:
+        the runners are untouched, and decoding starts them afresh)."""
         if not self.usable(runners):
             return 0
         path = self._path(prompt_ids, len(prompt_ids) - 1)

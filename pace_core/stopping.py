@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .outputs import StreamChunk
 
+
 class OutputBuilder:
     def __init__(
         self,

@@ -227,7 +227,7 @@ def test_admission_bounds_a_burst_and_counts_replicas_before_refusing():
     router = SimpleNamespace(args=SimpleNamespace(max_queued_requests=3), metrics=Metrics("m"),
                              _capacity_checked_at=-1e9, _capacity_check=None)
     router.metrics.running_capacity = 0
-    for name in ("_admit", "_waiting", "_count_replicas"):
+    for name in ("_admit", "_count_replicas"):
         setattr(router, name, MethodType(getattr(Router.func_or_class, name), router))
     running, asked = [2], []
 
