@@ -118,8 +118,8 @@ class AppArgs(BaseModel):
     # replica as one message of at most 4 MiB (Ray Serve's gRPC limit), hence the cap.
     max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024, le=3 * 1024 * 1024)
     max_prompt_chars: int = Field(1_000_000, ge=1)
-    # /v1/completions with "prompt" as a list: at most this many prompts (and at most
-    # max_queued_requests), admitted together or refused together
+    # /v1/completions with "prompt" as a list: at most this many prompts, admitted
+    # together or refused together (a 503 when the queue has no room for all of them)
     max_prompts_per_request: int = Field(8, ge=1)
     # a request not finished this many seconds after it arrived ends with a 504 (an SSE
     # error event once streaming began) and its generation stops; None: no deadline
@@ -190,7 +190,3 @@ class AppArgs(BaseModel):
         if not key or any(c.isspace() for c in key):
             raise ValueError(f"api_key_file {self.api_key_file}: the file must hold the key alone, on one line")
         return key
-
-    @property
-    def max_replicas(self) -> int:
-        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
