@@ -93,13 +93,14 @@ class LeanRunner:
         # alone), torch's own GEMM otherwise
         kernels = native.load()
         self.linear = torch.ops.pace_core.linear if kernels else F.linear
-        # float32 forwards run in chunks of up to this many tokens through the few-rows
-        # linear and attention kernels (0: no native kernels)
+        # forwards of up to this many tokens go through the few-rows linear and attention
+        # kernels (0: no native kernels); float32 ones of any length run in chunks of it
+        # (forward), bfloat16 prompts beyond it through torch's GEMM (faster there)
         self.few_rows = torch.ops.pace_core.few_rows_limit() if kernels else 0
-        # rows computed alone (CausalLMRunner.row_exact_limit): float32 forwards of any
-        # length (chunked below); bfloat16 ones up to the few-rows size (a longer prompt
-        # goes through torch's GEMM, faster there); none without the kernels
-        self.row_exact_limit = (math.inf if self.dtype == torch.float32 else self.few_rows) if kernels else 0
+        self.prompt_chunk = self.few_rows if self.dtype == torch.float32 else 0  # 0: one piece
+        # rows computed alone (CausalLMRunner.row_exact_limit): those of the few-rows
+        # kernels, so any length when every forward is chunked
+        self.row_exact_limit = math.inf if self.prompt_chunk else self.few_rows
         self.capacity = 0
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
@@ -184,7 +185,7 @@ class LeanRunner:
         n = len(token_ids)
         if self.seq_len + n > self.capacity:
             self._grow(self.seq_len + n)
-        chunk = self.few_rows if self.few_rows and self.dtype == torch.float32 else n
+        chunk = self.prompt_chunk or n
         # a long prompt runs in chunks of the few-rows kernels' size (as fast as one big
         # GEMM on CPU): every row is then computed exactly as in a decode step, so no
         # logit depends on how a sequence was split into forwards
