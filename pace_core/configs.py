@@ -15,6 +15,8 @@ MAX_LOGPROBS = 5  # most likely alternatives returned per token, as OpenAI's com
 # command line offers it); "auto": as stored in the checkpoint
 DType = Literal["auto", "bfloat16", "float32", "float16"]
 DTYPE_NAMES: tuple[str, ...] = get_args(DType)
+# weight-only quantization at load (pace_core.lean): int8 per output row, int4 in groups of 128
+Quantization = Literal["int8", "int4"]
 
 
 class PardSpecDecodeConfig(BaseModel):
@@ -35,6 +37,11 @@ class PardSpecDecodeConfig(BaseModel):
     first; EAGLE-3 drafts use a reduced vocabulary the same way). The output is
     unchanged, since the target verifies every proposal; only acceptance can drop.
     ``None``: the whole vocabulary.
+
+    ``quantization``: the draft's own weights, ``"int8"`` or ``"int4"`` (quantized at load,
+    as ``LLMModel(quantization=...)``), independent of the target's; ``None``: as loaded.
+    The draft only decides how many proposals are accepted, never which tokens come out,
+    so a 4-bit draft leaves the output unchanged.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=())
@@ -44,6 +51,7 @@ class PardSpecDecodeConfig(BaseModel):
     num_speculative_tokens: int = 12
     speculation_schedule: Literal["adaptive", "fixed"] = "adaptive"
     draft_vocab_size: int | None = Field(None, ge=2)
+    quantization: Quantization | None = None
 
     @field_validator("model_name_or_path")
     @classmethod
@@ -267,6 +275,8 @@ class ModelConfig(BaseModel):
     # memory for reused prompt prefixes' KV (pace_core.prefix_cache): None = 5% of the
     # host's memory, at most 4 GiB; 0 = no prefix cache
     prefix_cache_gb: float | None = Field(default=None, ge=0)
+    # the target's linear weights quantized at load: None = as loaded (dtype)
+    quantization: Quantization | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

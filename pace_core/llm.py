@@ -23,7 +23,7 @@ from .loading import (
 )
 from .outputs import GenerationOutput, GenerationStats, StreamChunk
 from .prefix_cache import PrefixCache, auto_budget_bytes
-from .runner import make_runner
+from .runner import CausalLMRunner, make_runner
 from .sampling import Sampler
 from .stopping import OutputBuilder
 
@@ -79,6 +79,7 @@ class LLMModel:
         spec_config: PardSpecDecodeConfig | None = None,  # AMD PACE's name for pard_config
         generation_config_defaults: bool = True,
         prefix_cache_gb: float | None = None,
+        quantization: str | None = None,
     ):
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
@@ -94,6 +95,7 @@ class LLMModel:
             runner=runner,
             generation_config_defaults=generation_config_defaults,
             prefix_cache_gb=prefix_cache_gb,
+            quantization=quantization,
         )
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -103,7 +105,7 @@ class LLMModel:
         target = load_causal_lm(cfg.model_name_or_path, cfg.dtype, cfg.trust_remote_code)
         # ids past the tokenizer are embedding padding (Qwen: 152064 rows, 151665 tokens):
         # never emitted, as transformers' suppress_tokens would have it
-        self.target = make_runner(target, cfg.runner, vocab_limit=min(target.config.vocab_size, len(self.tokenizer)))
+        self.target = self._runner(target, min(target.config.vocab_size, len(self.tokenizer)), cfg.quantization)
         self.stop_token_ids = stop_token_ids(target, self.tokenizer)
         self.max_context = context_length(target.config)
         # the sampling fields of generation_config.json: defaults of requests that leave them unset
@@ -159,8 +161,15 @@ class LLMModel:
                 f"the draft's vocabulary ({draft.config.vocab_size}) is smaller than the tokenizer's ({len(self.tokenizer)}): "
                 "a PARD draft must share its target's tokenizer"
             )
-        self.draft = make_runner(draft, cfg.runner, vocab_limit=limit)
+        self.draft = self._runner(draft, limit, pard.quantization)
         self.draft_context = context_length(draft.config)
+
+    def _runner(self, model, vocab_limit: int, quantization: str | None):
+        try:
+            return make_runner(model, self.config.runner, vocab_limit=vocab_limit, quantization=quantization,
+                               release_weights=True)  # the model is ours: one copy of the weights
+        except ValueError as err:  # a quantization or runner this model cannot take
+            raise ModelLoadError(str(err)) from None
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -174,14 +183,22 @@ class LLMModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The target's weights' dtype (``dtype="auto"`` resolved)."""
-        return self.target.model.dtype
+        """The target's dtype as loaded (``dtype="auto"`` resolved): its activations' and
+        KV cache's precision (float32 activations in the native forward), and its weights'
+        unless quantized (:attr:`weight_format`)."""
+        return self.target.dtype
+
+    @property
+    def weight_format(self) -> str:
+        """How the target's linear weights are stored: ``float32``, ``bfloat16``, ``int8``
+        or ``int4`` in the native forward; the dtype's name otherwise."""
+        return self.target.weight_format or str(self.target.dtype).removeprefix("torch.")
 
     @property
     def forward_kind(self) -> str:
-        """How the target's forward runs: ``lean-native`` (C++ layer loop), ``lean-python``
+        """How the target's forward runs: ``lean-native`` (the C++ forward), ``lean-python``
         or ``transformers`` (see ``runner=`` and :mod:`pace_core.native`)."""
-        if hasattr(self.target, "native"):
+        if hasattr(self.target, "native") and not isinstance(self.target, CausalLMRunner):
             return "lean-native" if self.target.native else "lean-python"
         return "transformers"
 
@@ -196,7 +213,7 @@ class LLMModel:
         ids = [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
         if not ids:
             raise RequestError("the prompt is empty: give at least one token id")
-        vocab = self.target.model.config.vocab_size
+        vocab = self.target.config.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")

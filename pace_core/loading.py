@@ -76,6 +76,7 @@ def load_causal_lm(name: str, dtype: str = "auto", trust_remote_code: bool = Fal
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    _refuse_prequantized(name, trust_remote_code)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = _from_pretrained(
@@ -84,6 +85,28 @@ def load_causal_lm(name: str, dtype: str = "auto", trust_remote_code: bool = Fal
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _refuse_prequantized(name: str, trust_remote_code: bool) -> None:
+    """A checkpoint stored quantized (GPTQ, AWQ, bitsandbytes, FP8, ...: a
+    ``quantization_config`` in its config.json) cannot be read by the kernels: say so
+    before transformers tries to load it with libraries this engine does not use."""
+    from transformers import AutoConfig
+
+    try:
+        config = _from_pretrained(AutoConfig.from_pretrained, name, "model", trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
+    except Exception:  # let from_pretrained report what is wrong with the checkpoint
+        return
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else getattr(quant, "quant_method",
+                                                                                               "unknown")
+        raise ModelLoadError(
+            f"{name} is already quantized (quant_method {method!r}), which this engine cannot read: load the "
+            "original float32 / bfloat16 / float16 checkpoint and pass quantization='int8' or 'int4' "
+            "(LLMModel(..., quantization=...), app argument model.quantization) to quantize it at load")
 
 
 def read_pard_token(draft_config, explicit: int | None) -> int:

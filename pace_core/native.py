@@ -1,12 +1,12 @@
 """Native (C++) kernels, built on first use with the system C++ compiler and cached.
 
-``csrc/llama_layers.cpp`` runs a Llama-family model's decoder layers in one call with
-the same ATen ops as the Python loop in :mod:`pace_core.lean` (bit-identical results,
-about a third less time per forward for small models). Building needs only a C++
-compiler (``c++``/``g++``, or ``$CXX``) and the installed torch; it takes ~15 s once per
-torch version and source change and is cached under ``$PACE_CACHE_DIR`` (default
+``csrc/model.cpp`` runs a Llama-family model's whole forward in one call over weights
+packed at load (``csrc/kernels.h``: float32, bfloat16, int8, int4). Building needs only
+a C++ compiler (``c++``/``g++``, or ``$CXX``) and the installed torch; it takes ~15 s once
+per torch version and source change and is cached under ``$PACE_CACHE_DIR`` (default
 ``~/.cache/pace_core``). Without a compiler, or with ``PACE_NATIVE_KERNELS=0``, the
-engine logs why and runs the Python loop: same results, slower.
+engine logs why and runs the Python loop with torch's ops (same model, slower; no
+int8/int4 weights).
 """
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("llama_layers.cpp", "few_rows.cpp")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "model.cpp"]
+HEADERS = [CSRC / "kernels.h"]
+# weight formats of the packed linears (csrc/kernels.h Format)
+FORMATS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3}
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool, "reason": why not
 
@@ -48,9 +52,9 @@ FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-w"]
 
 def library_path() -> Path:
     """Where the built library for these sources, flags and torch lives."""
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode()
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(FLAGS).encode()
                          + torch.__version__.encode()).hexdigest()[:16]
-    return cache_dir() / f"llama_layers-{key}.so"
+    return cache_dir() / f"pace_kernels-{key}.so"
 
 
 def _build(target: Path, compiler: str) -> None:

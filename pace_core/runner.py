@@ -16,12 +16,22 @@ class CausalLMRunner:
     # transformers' GEMMs round by shape). The decoder keeps its first verify within it.
     row_exact_limit: float = 0
 
+    native = False  # transformers' own forward
+    weight_format = None
+
     def __init__(self, model, vocab_limit: int | None = None):
         self.model = model
+        self.config = model.config
+        self.dtype = model.dtype
         # ids >= vocab_limit are padding rows of the embedding: never proposed
         self.vocab_limit = vocab_limit or model.config.vocab_size
         self.cache = None
         self.seq_len = 0
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one forward streams (every linear, the output projection included)."""
+        return sum(m.weight.numel() * m.weight.element_size() for m in self.model.modules()
+                   if isinstance(m, torch.nn.Linear))
 
     def reset(self) -> None:
         from transformers import DynamicCache
@@ -48,13 +58,23 @@ class CausalLMRunner:
         self.seq_len -= max(num_tokens, 0)
 
 
-def make_runner(model, kind: str = "auto", vocab_limit: int | None = None):
+def make_runner(model, kind: str = "auto", vocab_limit: int | None = None, quantization: str | None = None,
+                release_weights: bool = False):
     """The lean Llama-family runner where it applies (``auto``), or transformers' own
-    forward with a DynamicCache (``transformers``); ``lean`` insists on the former."""
+    forward with a DynamicCache (``transformers``); ``lean`` insists on the former.
+    ``quantization`` ("int8", "int4") needs the lean runner with its native kernels;
+    ``release_weights``: the lean runner drops the model's weights once packed (the
+    caller gives the model up)."""
     from . import lean
 
     if kind == "transformers" or (kind == "auto" and not lean.supports(model)):
+        if quantization:
+            why = ("runner='transformers'" if kind == "transformers"
+                   else f"model_type {model.config.model_type!r} runs through transformers' own forward")
+            raise ValueError(f"quantization={quantization!r} needs the lean runner, which supports the Llama family "
+                             f"({', '.join(sorted(lean.LLAMA_FAMILY))}, no sliding window); {why}: "
+                             "load it without quantization")
         return CausalLMRunner(model, vocab_limit)
     if not lean.supports(model):
         raise ValueError(f"runner='lean' does not support model_type {model.config.model_type!r}: use runner='auto'")
-    return lean.LeanRunner(model, vocab_limit)
+    return lean.LeanRunner(model, vocab_limit, quantization=quantization, release_weights=release_weights)

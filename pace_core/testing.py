@@ -157,3 +157,24 @@ class OracleDraft:
         out = torch.full((num_logits, self.vocab_limit), -1e4)
         out[torch.arange(num_logits), chosen] = 0.0
         return out
+
+
+_HF_MODELS: dict = {}
+
+
+def hf_model(path: str, dtype: str = "float32"):
+    """transformers' own model for ``path`` (loaded once per path and dtype): the
+    reference the engine's output is checked against (the engine's runners pack the
+    weights they load into their own layout and keep no transformers model)."""
+    from .loading import load_causal_lm
+
+    key = (str(path), dtype)
+    if key not in _HF_MODELS:
+        _HF_MODELS[key] = load_causal_lm(str(path), dtype)
+    return _HF_MODELS[key]
+
+
+def hf_of(model, draft: bool = False):
+    """:func:`hf_model` of an LLMModel's target (or draft), as configured."""
+    cfg = model.config
+    return hf_model(cfg.pard_config.model_name_or_path if draft else cfg.model_name_or_path, cfg.dtype)

@@ -2,12 +2,15 @@
 bookkeeping with test doubles, stopping rules, streaming, chat."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from pace_core import LLMModel, PardSpecDecodeConfig, SamplingConfig
 from pace_core import native
 from pace_core.stopping import OutputBuilder
+from pace_core.testing import hf_of
 
 PROMPTS = [
     "def add(a, b):\n    return",
@@ -18,7 +21,7 @@ PROMPTS = [
 
 
 def hf_greedy(model: LLMModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    out = model.target.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens)
+    out = hf_of(model).generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens)
     return out[0, len(prompt_ids):].tolist()
 
 
@@ -53,7 +56,7 @@ def test_pard_equals_transformers_greedy_fp32(pard_models, arch, k, runner):
     if runner == "lean" and native._compiler() is not None:
         assert model.forward_kind == "lean-native" and model.draft.native  # the C++ layer loop, both models
     model.num_speculative_tokens = k
-    assert model.draft.model.config.vocab_size > model.target.model.config.vocab_size  # padded draft vocab
+    assert model.draft.config.vocab_size > model.target.config.vocab_size  # padded draft vocab
     for i, prompt in enumerate(PROMPTS):
         n = [7, 24, 48, 33][i]
         ids = model.encode(prompt)
@@ -108,8 +111,8 @@ class OracleDraft:
 
 
 def with_double(model: LLMModel, prompt_ids, k, n, wrong=lambda call, i: False) -> LLMModel:
-    full = full_forward_greedy(model.target.model, prompt_ids, n + k + 2)
-    model.draft = OracleDraft(full, model.target.model.config.vocab_size, pard_token=1, wrong=wrong)
+    full = full_forward_greedy(hf_of(model), prompt_ids, n + k + 2)
+    model.draft = OracleDraft(full, model.target.config.vocab_size, pard_token=1, wrong=wrong)
     model.pard_token, model.num_speculative_tokens = 1, k
     return model
 
@@ -126,7 +129,7 @@ def test_perfect_draft_yields_k_plus_one_per_step(plain_model, k):
     model = with_double(plain_model, ids, k, n)
     out = model.generate(ids, SamplingConfig(max_new_tokens=n, ignore_eos=True))
     assert out.stats.tokens_per_step == [k + 1] * 5
-    assert out.token_ids == full_forward_greedy(model.target.model, ids, n)[len(ids):]
+    assert out.token_ids == full_forward_greedy(hf_of(model), ids, n)[len(ids):]
 
 
 def test_always_wrong_draft_yields_one_per_step(plain_model):
@@ -135,7 +138,7 @@ def test_always_wrong_draft_yields_one_per_step(plain_model):
     out = model.generate(ids, SamplingConfig(max_new_tokens=30, ignore_eos=True))
     assert out.stats.tokens_per_step == [1] * 30
     assert out.stats.mean_accepted_length == 1.0
-    assert out.token_ids == full_forward_greedy(model.target.model, ids, 30)[len(ids):]
+    assert out.token_ids == full_forward_greedy(hf_of(model), ids, 30)[len(ids):]
 
 
 def test_partially_right_draft_keeps_exact_output(plain_model):
@@ -143,7 +146,7 @@ def test_partially_right_draft_keeps_exact_output(plain_model):
     ids = plain_model.encode(PROMPTS[1])
     model = with_double(plain_model, ids, 5, 60, wrong=lambda call, i: i == call % 6)
     out = model.generate(ids, SamplingConfig(max_new_tokens=60, ignore_eos=True))
-    assert out.token_ids == full_forward_greedy(model.target.model, ids, 60)[len(ids):]
+    assert out.token_ids == full_forward_greedy(hf_of(model), ids, 60)[len(ids):]
     # step c accepts exactly c % 6 proposals (the first wrong one is at index c % 6), plus one correction
     expected = [min(c % 6, 5) + 1 for c in range(out.stats.steps)]
     assert out.stats.tokens_per_step[:-1] == expected[:-1]
@@ -161,12 +164,12 @@ def test_bfloat16_mismatches_are_near_ties(tiny_pairs):
         for prompt in PROMPTS:
             ids = model.encode(prompt)
             out = model.generate(ids, SamplingConfig(max_new_tokens=32, ignore_eos=True))
-            ref = model.target.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32,
+            ref = hf_of(model).generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32,
                                               eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
             matched += sum(a == b for a, b in zip(out.token_ids, ref))
             total += len(ref)
             with torch.no_grad():
-                logits = model.target.model(torch.tensor([ids + out.token_ids])).logits[0].float()
+                logits = hf_of(model)(torch.tensor([ids + out.token_ids])).logits[0].float()
             for pos, tok in enumerate(out.token_ids):
                 row = logits[len(ids) + pos - 1]
                 assert row.max() - row[tok] <= TOL, (arch, prompt, pos)
@@ -177,8 +180,8 @@ def test_bfloat16_pard_equals_bfloat16_greedy(tiny_pairs):
     """With the native kernels a bf16 verify is bit-identical to bf16 decode steps (the
     few-rows linear and attention compute each row alone), so PARD in bf16 emits exactly
     the engine's own bf16 greedy tokens, for every architecture; also for prompts whose
-    first verify would pass the few-rows size (60 + 8 tokens: the prompt is then read
-    alone, as plain decoding reads it, row_exact_limit) and longer ones (torch's GEMM)."""
+    first verify passes one forward's 64 rows (60 + 8 tokens) and longer ones (prompts
+    run in chunks of 64 rows, every row computed alone: row_exact_limit is unbounded)."""
     if not native.load():
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
     sampling = SamplingConfig(max_new_tokens=32, ignore_eos=True)
@@ -186,7 +189,7 @@ def test_bfloat16_pard_equals_bfloat16_greedy(tiny_pairs):
         plain = LLMModel(t, dtype="bfloat16", prefix_cache_gb=0)
         pard = LLMModel(t, dtype="bfloat16", prefix_cache_gb=0,
                         pard_config=PardSpecDecodeConfig(model_name_or_path=d, num_speculative_tokens=8))
-        assert plain.target.row_exact_limit == 64
+        assert plain.target.row_exact_limit == math.inf
         long_prompts = [[(31 * i + n) % 400 + 3 for i in range(n)] for n in (57, 60, 64, 100, 200)]
         for prompt in PROMPTS + long_prompts:
             assert pard.generate(prompt, sampling).token_ids == plain.generate(prompt, sampling).token_ids, (arch, prompt)
@@ -195,7 +198,7 @@ def test_bfloat16_pard_equals_bfloat16_greedy(tiny_pairs):
 # --------------------------------------------------------------------------- stopping
 def test_eos_inside_an_accepted_chunk_ends_there(plain_model):
     ids = plain_model.encode(PROMPTS[2])
-    full = full_forward_greedy(plain_model.target.model, ids, 40)[len(ids):]
+    full = full_forward_greedy(hf_of(plain_model), ids, 40)[len(ids):]
     eos_pos = 10
     model = with_double(plain_model, ids, 8, 40)
     model.stop_token_ids = {full[eos_pos]}
@@ -349,7 +352,7 @@ def test_adaptive_k_follows_acceptance(plain_model):
     proposed = [s.num_proposed for s in steps]
     assert proposed[:4] == [8, 3, 6, 8]  # kept 1 -> 1+2; kept all 3 -> 6; kept all 6 -> 8 (cap)
     assert max(proposed) == 8
-    assert [t for s in steps for t in s.tokens] == full_forward_greedy(model.target.model, ids, n)[len(ids):]
+    assert [t for s in steps for t in s.tokens] == full_forward_greedy(hf_of(model), ids, n)[len(ids):]
 
     model = with_double(plain_model, ids, 6, 20, wrong=lambda call, i: True)
     proposed = [s.num_proposed for s in decode(model.target, ids, 20, model.draft, 6, 1, adaptive=True)]
@@ -405,7 +408,7 @@ def test_padding_ids_past_the_tokenizer_are_never_emitted(tmp_path):
     pard = LLMModel(models["target"], dtype="float32",
                     pard_config=PardSpecDecodeConfig(model_name_or_path=models["draft"], num_speculative_tokens=4))
     ids = plain.encode("def f(x):")
-    hf = plain.target.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24,
+    hf = hf_of(plain).generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24,
                                      suppress_tokens=list(range(n_real, n_real + pad)))[0, len(ids):].tolist()
     for model in (plain, pard):
         out = model.generate(ids, SamplingConfig(max_new_tokens=24))
@@ -440,7 +443,7 @@ def test_sliding_window_model_with_pard_matches_full_forward_greedy(tmp_path):
     assert type(model.target).__name__ == "CausalLMRunner"  # the lean runner leaves sliding windows to transformers
     ids = model.encode("class Stack:\n    def push(self, item):")
     out = model.generate(ids, SamplingConfig(max_new_tokens=30, ignore_eos=True))
-    assert out.token_ids == full_forward_greedy(model.target.model, ids, 30)[len(ids):]
+    assert out.token_ids == full_forward_greedy(hf_of(model), ids, 30)[len(ids):]
 
 
 def test_reduced_draft_vocabulary_keeps_the_output(tiny_pairs):

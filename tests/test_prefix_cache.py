@@ -92,7 +92,7 @@ def test_memory_stays_within_the_budget(tiny_pairs):
     model = LLMModel(target, dtype="float32", pard_config=PardSpecDecodeConfig(model_name_or_path=draft),
                      prefix_cache_gb=0)
     runners = [model.target, model.draft]
-    block_bytes = sum(2 * len(r.layers) * r.num_kv_heads * BLOCK_TOKENS * r.head_dim * 4 for r in runners)
+    block_bytes = sum(2 * r.num_layers * r.num_kv_heads * BLOCK_TOKENS * r.head_dim * 4 for r in runners)
     model.prefix_cache = cache = PrefixCache(budget_bytes=6 * block_bytes)
     plain = LLMModel(target, dtype="float32", pard_config=PardSpecDecodeConfig(model_name_or_path=draft),
                      prefix_cache_gb=0)

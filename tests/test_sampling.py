@@ -18,6 +18,7 @@ from pace_core import LLMModel, PardSpecDecodeConfig, SamplingConfig, sampling
 from pace_core.decoder import decode
 from pace_core.loading import sampling_defaults
 from pace_core.runner import make_runner
+from pace_core.testing import hf_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,14 +213,14 @@ def test_greedy_with_penalties_equals_transformers(pard_models, arch, k):
     for prompt in PROMPTS:
         ids = model.encode(prompt)
         out = model.generate(ids, SamplingConfig(max_new_tokens=40, repetition_penalty=1.3))
-        ref = model.target.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=40,
+        ref = hf_of(model).generate(torch.tensor([ids]), do_sample=False, max_new_tokens=40,
                                           repetition_penalty=1.3)[0, len(ids):].tolist()
         assert out.token_ids == ref, (arch, k, prompt)
         plain = model.generate(ids, SamplingConfig(max_new_tokens=40)).token_ids
         assert out.token_ids != plain  # the penalty changed something
         out = model.generate(ids, SamplingConfig(max_new_tokens=40, repetition_penalty=1.3, min_new_tokens=6,
                                                  logit_bias={eos: 30.0}))
-        ref = model.target.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=40,
+        ref = hf_of(model).generate(torch.tensor([ids]), do_sample=False, max_new_tokens=40,
                                           repetition_penalty=1.3, min_new_tokens=6,
                                           sequence_bias={(eos,): 30.0})[0, len(ids):].tolist()
         assert out.token_ids == ref and len(ref) == 7 and ref[-1] == eos and out.finish_reason == "stop"
@@ -237,7 +238,7 @@ def test_greedy_with_openai_penalties_equals_a_teacher_forced_reference(pard_mod
     ref = []
     with torch.no_grad():
         for _ in range(30):
-            logits = model.target.model(torch.tensor([ids + ref])).logits[0, -1].float()
+            logits = hf_of(model)(torch.tensor([ids + ref])).logits[0, -1].float()
             counts = torch.bincount(torch.tensor(ref, dtype=torch.long), minlength=logits.shape[0]).float()
             ref.append(int((logits - 1.1 * counts - 0.7 * (counts > 0)).argmax()))
     assert out.token_ids == ref
@@ -277,7 +278,7 @@ def test_logprobs_equal_a_teacher_forced_forward(pard_models, settings):
     out = model.generate(ids, cfg)
     assert len(out.logprobs) == len(out.token_ids) == 30
     with torch.no_grad():
-        logits = model.target.model(torch.tensor([ids + out.token_ids])).logits[0].float()
+        logits = hf_of(model)(torch.tensor([ids + out.token_ids])).logits[0].float()
     for j, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
         prefix = torch.tensor([ids + out.token_ids[:j]])
         scores = hf.RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty)(prefix, logits[len(ids) + j - 1][None])
@@ -318,13 +319,13 @@ def test_generation_config_sampling_fields_are_the_defaults(tmp_path, tiny_pair)
     sampled = model.generate(ids, SamplingConfig(max_new_tokens=n, seed=1, ignore_eos=True)).token_ids
     assert sampled == model.generate(ids, SamplingConfig(max_new_tokens=n, seed=1, ignore_eos=True,
                                                          **defaults)).token_ids
-    hf_greedy = model.target.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n)[0, len(ids):]
+    hf_greedy = hf_of(model).generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n)[0, len(ids):]
     for greedy in (SamplingConfig(max_new_tokens=n, temperature=0), SamplingConfig(max_new_tokens=n, do_sample=False)):
         assert model.generate(ids, greedy).token_ids == hf_greedy.tolist()
     assert sampled != hf_greedy.tolist()
     off = LLMModel(str(target), dtype="float32", generation_config_defaults=False)
     assert off.sampling_defaults == {}
-    assert off.generate(ids, SamplingConfig(max_new_tokens=n)).token_ids == off.target.model.generate(
+    assert off.generate(ids, SamplingConfig(max_new_tokens=n)).token_ids == hf_of(off).generate(
         torch.tensor([ids]), do_sample=False, max_new_tokens=n, repetition_penalty=1.0)[0, len(ids):].tolist()
 
 

@@ -1,0 +1,737 @@
+// The whole forward of a Llama-family model (Llama, Qwen2, Qwen3, Mistral without sliding
+// window) in one native call: embedding lookup, decoder layers, final norm and output
+// projection, over weights packed once at load (kernels.h) in float32, bfloat16, int8 or
+// int4. One OpenMP parallel region per forward; the threads split every linear's output
+// rows and every attention's heads, and meet at a barrier between stages, so nothing but
+// the weights' streaming and the arithmetic is left of a decode step. The residual stream
+// and every activation are float32 whatever the weights' format; the KV cache is the
+// model's dtype (float32 or bfloat16). Built on first use by pace_core/native.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace pace {
+
+// ---------------------------------------------------------------- instruction sets
+namespace {
+
+#define PACE_FILL(table, fmt, fn, n)                                          \
+  do {                                                                        \
+    RowsFn fns[] = {nullptr, fn<1>, fn<2>, fn<3>, fn<4>, fn<5>, fn<6>};       \
+    for (int mb = 1; mb <= (n); ++mb) (table).rows[fmt][mb] = fns[mb];        \
+    (table).max_pass[fmt] = (n);                                              \
+  } while (0)
+
+template <int MB>
+void rows_int8_avx2(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t b0, int64_t b1, bool acc) {
+  rows_int_avx2<MB, false>(L, a, m0, y, ldy, b0, b1, acc);
+}
+template <int MB>
+void rows_int4_avx2(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t b0, int64_t b1, bool acc) {
+  rows_int_avx2<MB, true>(L, a, m0, y, ldy, b0, b1, acc);
+}
+
+template <class V>
+void attend_f32(const float* q, const void* k, const void* v, int64_t L, int64_t D, float scale, float* o, float* s) {
+  attend_row<V, float>(q, static_cast<const float*>(k), static_cast<const float*>(v), L, D, scale, o, s);
+}
+template <class V>
+void attend_bf16(const float* q, const void* k, const void* v, int64_t L, int64_t D, float scale, float* o, float* s) {
+  attend_row<V, uint16_t>(q, static_cast<const uint16_t*>(k), static_cast<const uint16_t*>(v), L, D, scale, o, s);
+}
+PACE_AVX512_FN void attend_f32_avx512(const float* q, const void* k, const void* v, int64_t L, int64_t D, float scale,
+                                      float* o, float* s) {
+  attend_f32<Avx512>(q, k, v, L, D, scale, o, s);
+}
+PACE_AVX512_FN void attend_bf16_avx512(const float* q, const void* k, const void* v, int64_t L, int64_t D, float scale,
+                                       float* o, float* s) {
+  attend_bf16<Avx512>(q, k, v, L, D, scale, o, s);
+}
+PACE_AVX2_FN void attend_f32_avx2(const float* q, const void* k, const void* v, int64_t L, int64_t D, float scale,
+                                  float* o, float* s) {
+  attend_f32<Avx2>(q, k, v, L, D, scale, o, s);
+}
+PACE_AVX2_FN void attend_bf16_avx2(const float* q, const void* k, const void* v, int64_t L, int64_t D, float scale,
+                                   float* o, float* s) {
+  attend_bf16<Avx2>(q, k, v, L, D, scale, o, s);
+}
+PACE_AVX512_FN void norm_avx512(const float* x, const float* w, float* y, int64_t n, float eps) {
+  rms_norm_row<Avx512>(x, w, y, n, eps);
+}
+PACE_AVX2_FN void norm_avx2(const float* x, const float* w, float* y, int64_t n, float eps) {
+  rms_norm_row<Avx2>(x, w, y, n, eps);
+}
+PACE_AVX512_FN void silu_mul_avx512(const float* g, const float* u, float* a, int64_t n) { silu_mul_row<Avx512>(g, u, a, n); }
+PACE_AVX2_FN void silu_mul_avx2(const float* g, const float* u, float* a, int64_t n) { silu_mul_row<Avx2>(g, u, a, n); }
+PACE_AVX512_FN void quantize_avx512(const float* x, int64_t kp, int8_t* q, float* s, int32_t* c, int32_t zp) {
+  quantize_row<Avx512>(x, kp, q, s, c, zp);
+}
+PACE_AVX2_FN void quantize_avx2(const float* x, int64_t kp, int8_t* q, float* s, int32_t* c, int32_t zp) {
+  quantize_row<Avx2>(x, kp, q, s, c, zp);
+}
+
+Isa pick_isa() {
+  Isa t;
+  __builtin_cpu_init();
+  const char* forced = std::getenv("PACE_KERNEL_ISA");
+  const std::string want = forced ? forced : "";
+  const bool avx512 = want != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512) {
+    PACE_FILL(t, F32, rows_f32_avx512, 6);
+    t.bf16_dot = want != "avx512" && __builtin_cpu_supports("avx512bf16");
+    if (t.bf16_dot)
+      PACE_FILL(t, BF16, rows_bf16dp_avx512, 6);
+    else
+      PACE_FILL(t, BF16, rows_bf16_avx512, 4);
+    if (__builtin_cpu_supports("avx512vnni")) {
+      PACE_FILL(t, INT8, rows_int8_avx512, 4);
+      PACE_FILL(t, INT4, rows_int4_avx512, 3);
+    } else {
+      PACE_FILL(t, INT8, rows_int8_avx2, 2);
+      PACE_FILL(t, INT4, rows_int4_avx2, 2);
+    }
+    t.name = t.bf16_dot ? "avx512-bf16" : "avx512";
+    t.attend_f32 = attend_f32_avx512;
+    t.attend_bf16 = attend_bf16_avx512;
+    t.rms_norm = norm_avx512;
+    t.silu_mul = silu_mul_avx512;
+    t.quantize = quantize_avx512;
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    PACE_FILL(t, F32, rows_f32_avx2, 3);
+    PACE_FILL(t, BF16, rows_bf16_avx2, 3);
+    PACE_FILL(t, INT8, rows_int8_avx2, 2);
+    PACE_FILL(t, INT4, rows_int4_avx2, 2);
+    t.name = "avx2";
+    t.attend_f32 = attend_f32_avx2;
+    t.attend_bf16 = attend_bf16_avx2;
+    t.rms_norm = norm_avx2;
+    t.silu_mul = silu_mul_avx2;
+    t.quantize = quantize_avx2;
+  }
+  return t;
+}
+
+}  // namespace
+
+const Isa& isa() {
+  static const Isa t = pick_isa();
+  return t;
+}
+
+namespace {
+
+bool available() { return isa().max_pass[F32] > 0; }
+
+// ---------------------------------------------------------------- packing
+// A float matrix's element (n, k) as float32, for any source dtype
+struct Rows {
+  const at::Tensor& t;
+  float at(int64_t n, int64_t k) const {
+    switch (t.scalar_type()) {
+      case at::kFloat: return t.data_ptr<float>()[n * t.stride(0) + k * t.stride(1)];
+      case at::kBFloat16: return float(t.data_ptr<at::BFloat16>()[n * t.stride(0) + k * t.stride(1)]);
+      case at::kHalf: return float(t.data_ptr<at::Half>()[n * t.stride(0) + k * t.stride(1)]);
+      default: TORCH_CHECK(false, "pack: float32, bfloat16 or float16 weights only");
+    }
+  }
+};
+
+// int4 scale of one group of 128: the extreme value maps to -8 (q4_0's choice of sign
+// uses the whole [-8, 7] range), refined by a small search for the least squared error
+float int4_scale(const float* w) {
+  float ext = 0.0f;
+  for (int i = 0; i < kGroup; ++i)
+    if (std::fabs(w[i]) > std::fabs(ext)) ext = w[i];
+  if (ext == 0.0f) return 0.0f;
+  float best = ext / -8.0f, best_err = INFINITY;
+  for (int step = -6; step <= 6; ++step) {
+    const float d = ext / (-8.0f + 0.125f * step), inv = 1.0f / d;
+    float err = 0.0f;
+    for (int i = 0; i < kGroup; ++i) {
+      const float q = std::max(-8.0f, std::min(7.0f, std::nearbyint(w[i] * inv)));
+      const float e = w[i] - q * d;
+      err += e * e;
+    }
+    if (err < best_err) best_err = err, best = d;
+  }
+  return best;
+}
+
+// (packed weights as bytes, scales) of weight (N, K) in format fmt
+std::vector<at::Tensor> pack(const at::Tensor& weight, int64_t fmt) {
+  TORCH_CHECK(weight.dim() == 2, "pack: a 2-d weight");
+  TORCH_CHECK(fmt >= 0 && fmt < NUM_FORMATS, "pack: unknown format ", fmt);
+  const at::Tensor w = weight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), Np = round_up(N, kBlockRows), Kp = round_up(K, k_align(fmt));
+  const int64_t row_bytes = packed_row_bytes(fmt, Kp), ce = chunk_elems(fmt), chunks = Kp / ce, groups = Kp / kGroup;
+  at::Tensor packed = at::zeros({Np * row_bytes}, at::kByte);
+  at::Tensor scale;
+  if (fmt == INT8) scale = at::zeros({Np}, at::kFloat);
+  if (fmt == INT4) scale = at::zeros({Np * groups}, at::kFloat);
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  float* sp = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  const Rows src{w};
+  at::parallel_for(0, Np / kBlockRows, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<float> row(Kp);
+    for (int64_t b = b0; b < b1; ++b)
+      for (int r = 0; r < kBlockRows; ++r) {
+        const int64_t n = b * kBlockRows + r;
+        std::fill(row.begin(), row.end(), 0.0f);
+        if (n < N)
+          for (int64_t k = 0; k < K; ++k) row[k] = src.at(n, k);
+        // chunk c of row r sits at block b, chunk c, slot r
+        auto dst = [&](int64_t c) { return out + ((b * chunks + c) * kBlockRows + r) * kChunkBytes; };
+        if (fmt == F32) {
+          for (int64_t c = 0; c < chunks; ++c) std::memcpy(dst(c), &row[c * ce], kChunkBytes);
+        } else if (fmt == BF16) {
+          for (int64_t c = 0; c < chunks; ++c) {
+            uint16_t* d = reinterpret_cast<uint16_t*>(dst(c));
+            for (int64_t i = 0; i < ce; ++i) d[i] = float_to_bf16(row[c * ce + i]);
+          }
+        } else if (fmt == INT8) {  // per row: scale = max|w| / 127, u8 = q + 128
+          float amax = 0.0f;
+          for (float v : row) amax = std::max(amax, std::fabs(v));
+          const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+          sp[n] = amax / 127.0f;
+          for (int64_t c = 0; c < chunks; ++c) {
+            uint8_t* d = dst(c);
+            for (int64_t i = 0; i < ce; ++i)
+              d[i] = uint8_t(int(std::max(-127.0f, std::min(127.0f, std::nearbyint(row[c * ce + i] * inv)))) + 128);
+          }
+        } else {  // INT4: per group of 128 (one chunk): nibbles q + 8, element j low / 64 + j high
+          for (int64_t g = 0; g < groups; ++g) {
+            const float* wg = &row[g * kGroup];
+            const float d = int4_scale(wg), inv = d != 0.0f ? 1.0f / d : 0.0f;
+            sp[(b * groups + g) * kBlockRows + r] = d;
+            uint8_t* dd = dst(g);
+            auto q = [&](int i) { return int(std::max(-8.0f, std::min(7.0f, std::nearbyint(wg[i] * inv)))) + 8; };
+            for (int j = 0; j < 64; ++j) dd[j] = uint8_t(q(j) | (q(64 + j) << 4));
+          }
+        }
+      }
+  });
+  return {packed, scale.defined() ? scale : at::empty({0}, at::kFloat)};
+}
+
+// Row n of a packed linear's weight, as float32 (the dequantized values)
+void unpack_row(const Linear& L, int64_t n, float* out) {
+  const int64_t b = n / kBlockRows, r = n % kBlockRows, ce = chunk_elems(L.fmt), chunks = L.Kp / ce;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint8_t* src = L.w + ((b * chunks + c) * kBlockRows + r) * kChunkBytes;
+    for (int64_t i = 0; i < ce; ++i) {
+      const int64_t k = c * ce + i;
+      if (k >= L.K) break;
+      switch (L.fmt) {
+        case F32: out[k] = reinterpret_cast<const float*>(src)[i]; break;
+        case BF16: out[k] = bf16_to_float(reinterpret_cast<const uint16_t*>(src)[i]); break;
+        case INT8: out[k] = float(int(src[i]) - 128) * L.scale[n]; break;
+        default: {
+          const int nib = i < 64 ? src[i] & 15 : src[i - 64] >> 4;
+          out[k] = float(nib - 8) * L.scale[(b * L.groups() + c) * kBlockRows + r];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- running a linear
+constexpr int64_t kMaxRows = 64;  // rows of one forward (longer prompts run in chunks of it)
+
+// Scratch for the prepared inputs of one linear call (rows x Kp)
+struct Prepared {
+  std::vector<uint16_t> bf16;
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> corr;
+  void reserve(int64_t rows, int64_t kp) {
+    bf16.assign(rows * kp, 0);
+    q.assign(rows * kp, 0);
+    scale.assign(rows * (kp / kGroup + 1), 0.0f);
+    corr.assign(rows * (kp / kGroup + 1), 0);
+  }
+};
+
+bool needs_prepare(const Linear& L) { return L.fmt == INT8 || L.fmt == INT4 || (L.fmt == BF16 && isa().bf16_dot); }
+
+// Row m of x (float32, its padding zero) in the form L's kernel reads
+void prepare_row(const Linear& L, const float* x, int64_t m, Prepared& p) {
+  if (L.fmt == BF16) {
+    uint16_t* d = p.bf16.data() + m * L.Kp;
+    for (int64_t k = 0; k < L.Kp; ++k) d[k] = float_to_bf16(x[k]);
+  } else if (L.fmt == INT8 || L.fmt == INT4) {
+    isa().quantize(x, L.Kp, p.q.data() + m * L.Kp, p.scale.data() + m * L.groups(), p.corr.data() + m * L.groups(),
+                   L.fmt == INT8 ? 128 : 8);
+  }
+}
+
+Act act_of(const Linear& L, const float* x, int64_t ldx, const Prepared& p) {
+  Act a;
+  if (!needs_prepare(L)) {
+    a.f32 = x;
+    a.ld = ldx;
+  } else {
+    a.bf16 = p.bf16.data();
+    a.q = p.q.data();
+    a.qscale = p.scale.data();
+    a.qcorr = p.corr.data();
+    a.ld = L.Kp;
+    a.groups = L.groups();
+  }
+  return a;
+}
+
+// Rows 0..M-1 against blocks [b0, b1): passes of at most max_pass rows (balanced); with
+// several passes, tiles of blocks that stay in L2 while every pass reads them
+void linear_blocks(const Linear& L, const Act& a, int64_t M, float* y, int64_t ldy, int64_t b0, int64_t b1,
+                   bool accumulate) {
+  const Isa& I = isa();
+  const int max_pass = I.max_pass[L.fmt];
+  TORCH_CHECK(max_pass > 0, "no kernel for this weight format on this CPU");
+  const int64_t passes = (M + max_pass - 1) / max_pass;
+  if (passes == 1) {
+    I.rows[L.fmt][M](L, a, 0, y, ldy, b0, b1, accumulate);
+    return;
+  }
+  const int64_t block_bytes = kBlockRows * packed_row_bytes(L.fmt, L.Kp);
+  const int64_t tile = std::max<int64_t>(1, (96 << 10) / block_bytes);
+  for (int64_t t0 = b0; t0 < b1; t0 += tile) {
+    const int64_t t1 = std::min(b1, t0 + tile);
+    for (int64_t p = 0, m = 0; p < passes; ++p) {
+      const int64_t mb = (M - m) / (passes - p);
+      I.rows[L.fmt][mb](L, a, m, y, ldy, t0, t1, accumulate);
+      m += mb;
+    }
+  }
+}
+
+inline std::pair<int64_t, int64_t> share(int64_t count, int t, int T) { return {count * t / T, count * (t + 1) / T}; }
+
+// ---------------------------------------------------------------- the model
+// gate and up are packed interleaved in runs of kRun units: [gate run 0][up run 0][gate run 1]...
+constexpr int64_t kRun = 16;
+
+struct Layer {
+  Linear qkv, o, gate_up, down;
+  const float *in_norm = nullptr, *post_norm = nullptr, *q_norm = nullptr, *k_norm = nullptr;
+};
+
+class Model : public torch::CustomClassHolder {
+ public:
+  Model(c10::Dict<std::string, at::Tensor> tensors, c10::Dict<std::string, int64_t> ints,
+        c10::Dict<std::string, double> floats)
+      : tensors_(std::move(tensors)) {
+    TORCH_CHECK(available(), "the native kernels need a CPU with AVX2 and FMA");
+    auto i = [&](const std::string& k) { return ints.at(k); };
+    hidden_ = i("hidden");
+    heads_ = i("heads");
+    kv_heads_ = i("kv_heads");
+    head_dim_ = i("head_dim");
+    units_ = i("units");  // intermediate size padded to kRun
+    vocab_ = i("vocab");
+    logit_rows_ = i("logit_rows");
+    eps_ = float(floats.at("eps"));
+    scaling_ = float(floats.at("scaling"));
+    const int64_t num_layers = i("layers");
+    for (int64_t l = 0; l < num_layers; ++l) {
+      const std::string p = "layers." + std::to_string(l) + ".";
+      Layer L;
+      L.qkv = linear(p + "qkv", ints);
+      L.o = linear(p + "o", ints);
+      L.gate_up = linear(p + "gate_up", ints);
+      L.down = linear(p + "down", ints);
+      L.in_norm = floats_of(p + "in_norm");
+      L.post_norm = floats_of(p + "post_norm");
+      L.q_norm = floats_of(p + "q_norm", false);
+      L.k_norm = floats_of(p + "k_norm", false);
+      TORCH_CHECK(L.gate_up.N == 2 * units_ && L.down.K <= units_ + kRun, "gate_up / down shapes do not match");
+      layers_.push_back(L);
+    }
+    has_head_ = tensors_.contains("head.w");
+    if (has_head_) {
+      head_ = linear("head", ints);
+      final_norm_ = floats_of("final_norm");
+    }
+    if (tensors_.contains("embed")) {
+      embed_ = tensors_.at("embed");
+      TORCH_CHECK(embed_.dim() == 2 && embed_.size(1) == hidden_ && embed_.is_contiguous(), "embed: (vocab, hidden)");
+    } else {
+      TORCH_CHECK(has_head_ && head_.K == hidden_, "no embedding and no tied output projection to read it from");
+    }
+    // scratch for kMaxRows rows; float buffers zero beyond their logical width
+    int64_t in_kp = 0;  // padded width of the inputs of qkv, gate_up and head (all hidden wide)
+    for (auto& L : layers_) in_kp = std::max({in_kp, L.qkv.Kp, L.gate_up.Kp});
+    if (has_head_) in_kp = std::max(in_kp, head_.Kp);
+    ld_h_ = round_up(hidden_, kGroup);
+    ld_xn_ = std::max(in_kp, ld_h_);
+    ld_attn_ = round_up(heads_ * head_dim_, kGroup);
+    ld_act_ = round_up(units_, kGroup);
+    ld_qkv_ = 0;
+    int64_t max_kp = ld_xn_;
+    for (auto& L : layers_) {
+      ld_qkv_ = std::max(ld_qkv_, L.qkv.Np);
+      ld_attn_ = std::max(ld_attn_, L.o.Kp);
+      ld_act_ = std::max(ld_act_, L.down.Kp);
+      max_kp = std::max({max_kp, L.o.Kp, L.down.Kp});
+    }
+    h_.assign(kMaxRows * ld_h_, 0.0f);
+    xn_.assign(kMaxRows * ld_xn_, 0.0f);
+    qkv_.assign(kMaxRows * ld_qkv_, 0.0f);
+    attn_.assign(kMaxRows * ld_attn_, 0.0f);
+    gu_.assign(kMaxRows * 2 * units_, 0.0f);
+    act_.assign(kMaxRows * ld_act_, 0.0f);
+    prepared_.reserve(kMaxRows, max_kp);
+  }
+
+  void set_cache(std::vector<at::Tensor> k, std::vector<at::Tensor> v) {
+    TORCH_CHECK(k.size() == layers_.size() && v.size() == layers_.size(), "set_cache: one K and one V per layer");
+    for (size_t l = 0; l < k.size(); ++l)
+      TORCH_CHECK(k[l].is_contiguous() && v[l].is_contiguous() && k[l].dim() == 3 && k[l].size(0) == kv_heads_ &&
+                      k[l].size(2) == head_dim_ && k[l].sizes() == v[l].sizes() &&
+                      (k[l].scalar_type() == at::kFloat || k[l].scalar_type() == at::kBFloat16) &&
+                      v[l].scalar_type() == k[l].scalar_type(),
+                  "set_cache: contiguous (kv_heads, capacity, head_dim) float32 or bfloat16 tensors");
+    k_cache_ = std::move(k);
+    v_cache_ = std::move(v);
+  }
+
+  void set_logit_rows(int64_t rows) {
+    TORCH_CHECK(has_head_ && rows >= 1 && rows <= head_.N, "set_logit_rows: 1..", head_.N);
+    logit_rows_ = rows;
+  }
+
+  // Appends ids (n <= 64 positions start..start+n-1) to the cache; returns the float32
+  // logits of the last num_logits positions (num_logits, logit_rows), or with
+  // num_logits == 0 the hidden states after the last layer (n, hidden).
+  at::Tensor forward(const at::Tensor& ids_in, const at::Tensor& cos_in, const at::Tensor& sin_in, int64_t start,
+                     int64_t num_logits) {
+    const at::Tensor ids = ids_in.to(at::kLong).contiguous();
+    const int64_t n = ids.numel();
+    TORCH_CHECK(n >= 1 && n <= kMaxRows, "forward: 1..", kMaxRows, " tokens at a time (got ", n, ")");
+    TORCH_CHECK(num_logits >= 0 && num_logits <= n, "forward: num_logits must be 0..", n);
+    TORCH_CHECK(num_logits == 0 || has_head_, "forward: this model has no output projection");
+    TORCH_CHECK(!k_cache_.empty() || layers_.empty(), "forward: set_cache first");
+    TORCH_CHECK(layers_.empty() || start + n <= k_cache_[0].size(1), "forward: the cache holds ",
+                layers_.empty() ? 0 : k_cache_[0].size(1), " positions, ", start + n, " needed");
+    const at::Tensor cos = cos_in.to(at::kFloat).reshape({n, head_dim_}).contiguous();
+    const at::Tensor sin = sin_in.to(at::kFloat).reshape({n, head_dim_}).contiguous();
+    const int64_t* idp = ids.data_ptr<int64_t>();
+    for (int64_t m = 0; m < n; ++m) TORCH_CHECK(idp[m] >= 0 && idp[m] < vocab_, "forward: token id ", idp[m], " out of range");
+    at::Tensor out = num_logits ? at::empty({num_logits, logit_rows_}, at::kFloat) : at::empty({n, hidden_}, at::kFloat);
+    run(idp, n, cos.data_ptr<float>(), sin.data_ptr<float>(), start, num_logits, out.data_ptr<float>());
+    return out;
+  }
+
+  int64_t logit_rows() const { return logit_rows_; }
+
+ private:
+  Linear linear(const std::string& name, const c10::Dict<std::string, int64_t>& ints) {
+    Linear L;
+    L.fmt = int32_t(ints.at(name + ".fmt"));
+    L.N = ints.at(name + ".N");
+    L.K = ints.at(name + ".K");
+    L.Np = round_up(L.N, kBlockRows);
+    L.Kp = round_up(L.K, k_align(L.fmt));
+    const at::Tensor& w = tensors_.at(name + ".w");
+    TORCH_CHECK(w.scalar_type() == at::kByte && w.numel() == L.Np * packed_row_bytes(L.fmt, L.Kp),
+                name, ": packed weight of the wrong size");
+    L.w = w.data_ptr<uint8_t>();
+    if (L.fmt == INT8 || L.fmt == INT4) {
+      const at::Tensor& s = tensors_.at(name + ".scale");
+      TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == (L.fmt == INT8 ? L.Np : L.Np * L.groups()),
+                  name, ": scales of the wrong size");
+      L.scale = s.data_ptr<float>();
+    }
+    L.bias = floats_of(name + ".bias", false);
+    TORCH_CHECK(isa().max_pass[L.fmt] > 0, name, ": no kernel for its weight format on this CPU");
+    return L;
+  }
+
+  const float* floats_of(const std::string& name, bool required = true) {
+    if (!tensors_.contains(name)) {
+      TORCH_CHECK(!required, "missing tensor ", name);
+      return nullptr;
+    }
+    const at::Tensor& t = tensors_.at(name);
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), name, ": contiguous float32 expected");
+    return t.data_ptr<float>();
+  }
+
+  void embed_row(int64_t id, float* out) const {
+    if (!embed_.defined()) return unpack_row(head_, id, out);
+    switch (embed_.scalar_type()) {
+      case at::kFloat: std::memcpy(out, embed_.data_ptr<float>() + id * hidden_, hidden_ * 4); break;
+      case at::kBFloat16: {
+        const at::BFloat16* e = embed_.data_ptr<at::BFloat16>() + id * hidden_;
+        for (int64_t k = 0; k < hidden_; ++k) out[k] = float(e[k]);
+        break;
+      }
+      case at::kHalf: {
+        const at::Half* e = embed_.data_ptr<at::Half>() + id * hidden_;
+        for (int64_t k = 0; k < hidden_; ++k) out[k] = float(e[k]);
+        break;
+      }
+      default: TORCH_CHECK(false, "embed: float32, bfloat16 or float16");
+    }
+  }
+
+  // every stage below is split over the T threads of one parallel region; a barrier
+  // separates a stage from the next one that reads what it wrote
+  void run(const int64_t* ids, int64_t n, const float* cos, const float* sin, int64_t start, int64_t num_logits,
+           float* out) {
+    const Isa& I = isa();
+    const int64_t H = heads_, KV = kv_heads_, D = head_dim_, group = H / KV, half = D / 2;
+    const bool bf16_cache = !k_cache_.empty() && k_cache_[0].scalar_type() == at::kBFloat16;
+    float* h = h_.data();
+    float* xn = xn_.data();
+    float* qkv = qkv_.data();
+    float* attn = attn_.data();
+    float* gu = gu_.data();
+    float* act = act_.data();
+    Prepared& prep = prepared_;
+#pragma omp parallel num_threads(at::get_num_threads())
+    {
+      const int t = omp_get_thread_num(), T = omp_get_num_threads();
+      std::vector<float> scores(start + n + 16);
+      auto [r0, r1] = share(n, t, T);
+      for (int64_t m = r0; m < r1; ++m) embed_row(ids[m], h + m * ld_h_);
+#pragma omp barrier
+      for (size_t l = 0; l < layers_.size(); ++l) {
+        const Layer& L = layers_[l];
+        // input norm, prepared for qkv
+        for (int64_t m = r0; m < r1; ++m) {
+          I.rms_norm(h + m * ld_h_, L.in_norm, xn + m * ld_xn_, hidden_, eps_);
+          if (needs_prepare(L.qkv)) prepare_row(L.qkv, xn + m * ld_xn_, m, prep);
+        }
+#pragma omp barrier
+        {
+          auto [b0, b1] = share(L.qkv.blocks(), t, T);
+          linear_blocks(L.qkv, act_of(L.qkv, xn, ld_xn_, prep), n, qkv, ld_qkv_, b0, b1, false);
+        }
+#pragma omp barrier
+        // q/k norms (Qwen3), rotary embedding, K and V into the cache
+        {
+          char* kc = static_cast<char*>(k_cache_[l].data_ptr());
+          char* vc = static_cast<char*>(v_cache_[l].data_ptr());
+          const int64_t cap = k_cache_[l].size(1), esize = k_cache_[l].element_size();
+          auto [i0, i1] = share(n * (H + 2 * KV), t, T);
+          for (int64_t item = i0; item < i1; ++item) {
+            const int64_t m = item / (H + 2 * KV), head = item % (H + 2 * KV);
+            float* x = qkv + m * ld_qkv_ + head * D;
+            if (head < H + KV) {
+              const float* nw = head < H ? L.q_norm : L.k_norm;
+              if (nw) I.rms_norm(x, nw, x, D, eps_);
+              const float *c = cos + m * D, *s = sin + m * D;
+              for (int64_t j = 0; j < half; ++j) {
+                const float a = x[j], b = x[j + half];
+                x[j] = a * c[j] - b * s[j];
+                x[j + half] = b * c[j + half] + a * s[j + half];
+              }
+              if (head < H) continue;
+            }
+            const bool is_k = head < H + KV;
+            const int64_t kvh = is_k ? head - H : head - H - KV;
+            char* dst = (is_k ? kc : vc) + ((kvh * cap) + start + m) * D * esize;
+            if (bf16_cache) {
+              uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+              for (int64_t j = 0; j < D; ++j) d[j] = float_to_bf16(x[j]);
+            } else {
+              std::memcpy(dst, x, D * 4);
+            }
+          }
+        }
+#pragma omp barrier
+        // attention, (head, row) items
+        {
+          const char* kc = static_cast<const char*>(k_cache_[l].data_ptr());
+          const char* vc = static_cast<const char*>(v_cache_[l].data_ptr());
+          const int64_t head_bytes = k_cache_[l].size(1) * D * k_cache_[l].element_size();
+          const AttendFn attend = bf16_cache ? I.attend_bf16 : I.attend_f32;
+          auto [i0, i1] = share(H * n, t, T);
+          for (int64_t item = i0; item < i1; ++item) {
+            const int64_t hq = item / n, m = item % n, g = hq / group;
+            attend(qkv + m * ld_qkv_ + hq * D, kc + g * head_bytes, vc + g * head_bytes, start + m + 1, D, scaling_,
+                   attn + m * ld_attn_ + hq * D, scores.data());
+          }
+        }
+#pragma omp barrier
+        if (needs_prepare(L.o)) {
+          for (int64_t m = r0; m < r1; ++m) prepare_row(L.o, attn + m * ld_attn_, m, prep);
+#pragma omp barrier
+        }
+        {
+          auto [b0, b1] = share(L.o.blocks(), t, T);
+          linear_blocks(L.o, act_of(L.o, attn, ld_attn_, prep), n, h, ld_h_, b0, b1, true);
+        }
+#pragma omp barrier
+        for (int64_t m = r0; m < r1; ++m) {
+          I.rms_norm(h + m * ld_h_, L.post_norm, xn + m * ld_xn_, hidden_, eps_);
+          if (needs_prepare(L.gate_up)) prepare_row(L.gate_up, xn + m * ld_xn_, m, prep);
+        }
+#pragma omp barrier
+        {  // gate and up for this thread's runs of units, then silu(gate) * up for them
+          const int64_t runs = units_ / kRun, blocks_per_run = 2 * kRun / kBlockRows;
+          auto [u0, u1] = share(runs, t, T);
+          linear_blocks(L.gate_up, act_of(L.gate_up, xn, ld_xn_, prep), n, gu, 2 * units_, u0 * blocks_per_run,
+                        u1 * blocks_per_run, false);
+          for (int64_t m = 0; m < n; ++m)
+            for (int64_t r = u0; r < u1; ++r) {
+              const float* g = gu + m * 2 * units_ + 2 * r * kRun;
+              I.silu_mul(g, g + kRun, act + m * ld_act_ + r * kRun, kRun);
+            }
+        }
+#pragma omp barrier
+        if (needs_prepare(L.down)) {
+          for (int64_t m = r0; m < r1; ++m) prepare_row(L.down, act + m * ld_act_, m, prep);
+#pragma omp barrier
+        }
+        {
+          auto [b0, b1] = share(L.down.blocks(), t, T);
+          linear_blocks(L.down, act_of(L.down, act, ld_act_, prep), n, h, ld_h_, b0, b1, true);
+        }
+#pragma omp barrier
+      }
+      if (num_logits == 0) {
+        for (int64_t m = r0; m < r1; ++m) std::memcpy(out + m * hidden_, h + m * ld_h_, hidden_ * 4);
+      } else {
+        // the last num_logits rows: final norm, output projection over the first logit_rows ids
+        auto [q0, q1] = share(num_logits, t, T);
+        for (int64_t j = q0; j < q1; ++j) {
+          I.rms_norm(h + (n - num_logits + j) * ld_h_, final_norm_, xn + j * ld_xn_, hidden_, eps_);
+          if (needs_prepare(head_)) prepare_row(head_, xn + j * ld_xn_, j, prep);
+        }
+#pragma omp barrier
+        Linear head = head_;
+        head.N = logit_rows_;
+        head.Np = round_up(logit_rows_, kBlockRows);
+        auto [b0, b1] = share(head.blocks(), t, T);
+        linear_blocks(head, act_of(head, xn, ld_xn_, prep), num_logits, out, logit_rows_, b0, b1, false);
+      }
+    }
+  }
+
+  c10::Dict<std::string, at::Tensor> tensors_;  // owns every array the pointers below read
+  int64_t hidden_ = 0, heads_ = 0, kv_heads_ = 0, head_dim_ = 0, units_ = 0, vocab_ = 0, logit_rows_ = 0;
+  float eps_ = 1e-6f, scaling_ = 1.0f;
+  std::vector<Layer> layers_;
+  bool has_head_ = false;
+  Linear head_;
+  const float* final_norm_ = nullptr;
+  at::Tensor embed_;
+  std::vector<at::Tensor> k_cache_, v_cache_;
+  int64_t ld_h_ = 0, ld_xn_ = 0, ld_qkv_ = 0, ld_attn_ = 0, ld_act_ = 0;
+  std::vector<float> h_, xn_, qkv_, attn_, gu_, act_;
+  Prepared prepared_;
+};
+
+// ---------------------------------------------------------------- standalone ops (tests, profiling)
+// y = x @ W^T (+ bias) for x (M, K) float32 and a packed weight
+at::Tensor linear_op(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale,
+                     const std::optional<at::Tensor>& bias_in, int64_t fmt, int64_t N) {
+  TORCH_CHECK(available(), "the native kernels need a CPU with AVX2 and FMA");
+  const int64_t K = x_in.size(-1);
+  Linear L;
+  L.fmt = int32_t(fmt);
+  L.N = N;
+  L.K = K;
+  L.Np = round_up(N, kBlockRows);
+  L.Kp = round_up(K, k_align(fmt));
+  TORCH_CHECK(packed.numel() == L.Np * packed_row_bytes(L.fmt, L.Kp), "linear: packed weight of the wrong size");
+  L.w = packed.data_ptr<uint8_t>();
+  if (fmt == INT8 || fmt == INT4) L.scale = scale.data_ptr<float>();
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->to(at::kFloat).contiguous();
+    L.bias = bias.data_ptr<float>();
+  }
+  at::Tensor x = at::zeros({x_in.numel() / K, L.Kp}, at::kFloat);
+  x.slice(1, 0, K).copy_(x_in.reshape({-1, K}));
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, at::kFloat);
+  Prepared prep;
+  prep.reserve(std::min(M, kMaxRows), L.Kp);
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int64_t rows = std::min(kMaxRows, M - m0);
+    const float* xp = x.data_ptr<float>() + m0 * L.Kp;
+    for (int64_t m = 0; m < rows; ++m)
+      if (needs_prepare(L)) prepare_row(L, xp + m * L.Kp, m, prep);
+    const Act a = act_of(L, xp, L.Kp, prep);
+#pragma omp parallel num_threads(at::get_num_threads())
+    {
+      auto [b0, b1] = share(L.blocks(), omp_get_thread_num(), omp_get_num_threads());
+      linear_blocks(L, a, rows, y.data_ptr<float>() + m0 * N, N, b0, b1, false);
+    }
+  }
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = N;
+  return y.view(shape);
+}
+
+// Causal attention of n query rows q (H, n, D) float32 over a cache (KV, capacity, D) that
+// holds them at start..start+n-1: query i sees keys 0..start+i
+at::Tensor attention_op(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start,
+                        double scaling) {
+  TORCH_CHECK(available(), "the native kernels need a CPU with AVX2 and FMA");
+  const at::Tensor q = q_in.to(at::kFloat).contiguous();
+  const int64_t H = q.size(0), n = q.size(1), D = q.size(2), KV = k_cache.size(0), cap = k_cache.size(1);
+  TORCH_CHECK(H % KV == 0 && start + n <= cap && k_cache.is_contiguous() && v_cache.is_contiguous(), "attention: bad shapes");
+  const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
+  at::Tensor o = at::empty_like(q);
+  const AttendFn attend = bf16 ? isa().attend_bf16 : isa().attend_f32;
+  const int64_t head_bytes = cap * D * k_cache.element_size();
+  const char* kc = static_cast<const char*>(k_cache.data_ptr());
+  const char* vc = static_cast<const char*>(v_cache.data_ptr());
+  std::vector<float> scores(start + n + 16);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t i = 0; i < n; ++i)
+      attend(q.data_ptr<float>() + (h * n + i) * D, kc + (h / (H / KV)) * head_bytes, vc + (h / (H / KV)) * head_bytes,
+             start + i + 1, D, float(scaling), o.data_ptr<float>() + (h * n + i) * D, scores.data());
+  return o;
+}
+
+// The dequantized (N, K) float32 weight of a packed linear: what its kernel multiplies by
+at::Tensor unpack_op(const at::Tensor& packed, const at::Tensor& scale, int64_t fmt, int64_t N, int64_t K) {
+  Linear L;
+  L.fmt = int32_t(fmt);
+  L.N = N;
+  L.K = K;
+  L.Np = round_up(N, kBlockRows);
+  L.Kp = round_up(K, k_align(fmt));
+  TORCH_CHECK(packed.numel() == L.Np * packed_row_bytes(L.fmt, L.Kp), "unpack: packed weight of the wrong size");
+  L.w = packed.data_ptr<uint8_t>();
+  if (fmt == INT8 || fmt == INT4) L.scale = scale.data_ptr<float>();
+  at::Tensor out = at::empty({N, K}, at::kFloat);
+  for (int64_t n = 0; n < N; ++n) unpack_row(L, n, out.data_ptr<float>() + n * K);
+  return out;
+}
+
+std::string isa_name() { return isa().name; }
+bool format_available(int64_t fmt) { return fmt >= 0 && fmt < NUM_FORMATS && isa().max_pass[fmt] > 0; }
+
+}  // namespace
+}  // namespace pace
+
+TORCH_LIBRARY(pace_core, m) {
+  m.class_<pace::Model>("Model")
+      .def(torch::init<c10::Dict<std::string, at::Tensor>, c10::Dict<std::string, int64_t>,
+                       c10::Dict<std::string, double>>())
+      .def("forward", &pace::Model::forward)
+      .def("set_cache", &pace::Model::set_cache)
+      .def("set_logit_rows", &pace::Model::set_logit_rows)
+      .def("logit_rows", &pace::Model::logit_rows);
+  m.def("pack(Tensor weight, int fmt) -> Tensor[]", &pace::pack);
+  m.def("linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int fmt, int N) -> Tensor", &pace::linear_op);
+  m.def("unpack(Tensor packed, Tensor scale, int fmt, int N, int K) -> Tensor", &pace::unpack_op);
+  m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, int start, float scaling) -> Tensor", &pace::attention_op);
+  m.def("isa() -> str", &pace::isa_name);
+  m.def("format_available(int fmt) -> bool", &pace::format_available);
+  m.def("max_rows() -> int", [] { return pace::kMaxRows; });
+}
