@@ -3,27 +3,31 @@
 // attention of a few query rows over a KV cache; the small row-wise ops between them.
 //
 // Decoding is memory-bound: every weight is read once per forward whatever the number of
-// rows. A weight matrix is packed into blocks of kBlockRows output rows, and within a
-// block the rows' k-chunks of kChunkBytes bytes are interleaved: [row0 chunk0][row1
-// chunk0][row2 chunk0][row3 chunk0][row0 chunk1]..., so a thread reads its part of a
-// matrix as one sequential stream (what the hardware prefetchers follow best) and applies
-// each chunk to all the rows of the forward while it sits in registers / L1.
+// rows, so a verify of K+1 rows can cost about one decode step if the arithmetic keeps up
+// with the memory. A weight matrix is packed into panels of 32 output rows, k-major: for
+// each k-step, the 32 rows' 4 bytes (1 float32 / 2 bfloat16 / 4 int8 / 8 int4 values)
+// side by side, 128 bytes; a thread reads its panels as one sequential stream. The kernel
+// holds, for up to 13 input rows, two 16-lane accumulators each (the panel's 32 outputs),
+// and per k-step loads the panel's two weight vectors once and multiplies them by each
+// input row's value(s) broadcast: one FMA (or dot-product instruction) per weight vector
+// per row, no horizontal sums, outputs stored as vectors. (Outer-product register
+// blocking, as GEMM micro-kernels do; one pass serves a K=12 verify.)
 //
-// Formats (one per linear): float32; bfloat16 (AVX512_BF16 dot products where the CPU has
-// them, else widened exactly to float32); int8 (symmetric per output row, stored +128 as
-// u8); int4 (symmetric in groups of 128 along k with a float scale each, stored +8 as
-// nibbles: byte j of a group's chunk holds element j in its low nibble and element 64+j in
+// Formats (one per linear): float32; bfloat16 (AVX512_BF16 VDPBF16PS on pairs of k where
+// the CPU has it, else widened exactly to float32); int8 (symmetric per output row, stored
+// +128 as u8); int4 (symmetric in groups of 128 along k with a float scale each, stored +8
+// as nibbles: byte j of a lane's 4 holds k-step element j in its low nibble and 4 + j in
 // its high one). For int8/int4 the input rows are quantized to int8 in groups of 128 along
 // k (a float scale per group, as llama.cpp's q8 activations) and multiplied with integer
-// dot products (AVX512-VNNI VPDPBUSD: u8 weights x s8 inputs, the zero points corrected
-// by the input group's sum), each group's integer sum scaled once in float.
+// dot products (AVX512-VNNI VPDPBUSD: u8 weights x s8 inputs, 4 products per lane; the
+// zero point corrected by starting each group's integer sum at -zero_point * the input
+// group's sum), each group's integer sum converted (exactly: |sum| < 2^24) and scaled once.
 //
-// Exactness: each output element is one fixed sequence of operations that depends on its
-// own input row and weight row only (vector lanes over k in a fixed order, one fixed
-// horizontal sum), never on how many rows a forward has, how they are split into passes,
-// or which thread computes them: a K+1-row verify gives bit-identical results to K+1
-// one-row steps, so speculation never changes a logit. (Results differ between ISAs and
-// formats, never between runs.)
+// Exactness: each output element is one fixed sequence of operations over its own input
+// row and weight row (k in order into one lane), never depending on how many rows a
+// forward has, how they are split into passes, or which thread computes them: a K+1-row
+// verify gives bit-identical results to K+1 one-row steps, so speculation never changes a
+// logit. (Results differ between ISAs and formats, never between runs.)
 #pragma once
 
 #include <immintrin.h>
@@ -43,25 +47,25 @@ namespace pace {
 #define PACE_AVX2_FN __attribute__((target("avx2,fma,f16c"), flatten))
 
 enum Format : int32_t { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3, NUM_FORMATS = 4 };
-constexpr int kBlockRows = 4;    // output rows per packed block
-constexpr int kChunkBytes = 64;  // bytes of one row per k-chunk
-constexpr int kGroup = 128;      // int8/int4: input (and int4 weight) quantization group along k
-constexpr int kMaxPass = 6;      // input rows per pass, at most
+constexpr int kPanel = 32;     // output rows per packed panel
+constexpr int kStepBytes = 4;  // bytes of one row per k-step
+constexpr int kGroup = 128;    // int8/int4: input (and int4 weight) quantization group along k
+constexpr int kMaxPass = 13;   // input rows per pass, at most
 
-inline int64_t chunk_elems(int fmt) { return fmt == F32 ? 16 : fmt == BF16 ? 32 : fmt == INT8 ? 64 : 128; }
-// k is padded (with zero weights) to a multiple of this
-inline int64_t k_align(int fmt) { return fmt == INT8 || fmt == INT4 ? kGroup : chunk_elems(fmt); }
-inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-inline int64_t packed_row_bytes(int fmt, int64_t kp) { return kp * kChunkBytes / chunk_elems(fmt); }
+constexpr int64_t step_elems(int fmt) { return fmt == F32 ? 1 : fmt == BF16 ? 2 : fmt == INT8 ? 4 : 8; }
+// k is padded (with zero weights, and zero inputs) to a multiple of this
+constexpr int64_t k_align(int fmt) { return fmt == INT8 || fmt == INT4 ? kGroup : step_elems(fmt); }
+constexpr int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+constexpr int64_t panel_bytes(int fmt, int64_t kp) { return kp / step_elems(fmt) * kPanel * kStepBytes; }
 
 // One packed linear: N outputs (padded to Np), K inputs (padded to Kp).
 struct Linear {
   int32_t fmt = F32;
   int64_t N = 0, K = 0, Np = 0, Kp = 0;
   const uint8_t* w = nullptr;
-  const float* scale = nullptr;  // INT8: per output row (Np); INT4: [Np/4 blocks][Kp/128 groups][4 rows]
-  const float* bias = nullptr;   // N floats or none
-  int64_t blocks() const { return Np / kBlockRows; }
+  const float* scale = nullptr;  // INT8: per output row (Np); INT4: [panel][group][32 rows]
+  const float* bias = nullptr;   // Np floats (zero-padded) or none
+  int64_t panels() const { return Np / kPanel; }
   int64_t groups() const { return Kp / kGroup; }
 };
 
@@ -69,12 +73,19 @@ struct Linear {
 struct Act {
   const float* f32 = nullptr;      // float32 rows (F32, and BF16 without dot products)
   const uint16_t* bf16 = nullptr;  // bfloat16 rows (BF16 with dot products)
-  const int8_t* q = nullptr;       // int8 rows (INT8, INT4)
+  const int32_t* quads = nullptr;  // int8 inputs (INT8, INT4) by groups of 4 k, the rows of a quad
+                                   // side by side: quads[(k / 4) * rows + m] holds row m's k..k+3
   const float* qscale = nullptr;   // per row and group
   const int32_t* qcorr = nullptr;  // per row and group: -zero_point * sum of the group's int8 values
-  int64_t ld = 0;                  // elements per row (the linear's Kp)
+  int64_t ld = 0;                  // elements per row (at least the linear's Kp; zero past K)
   int64_t groups = 0;              // per row (Kp / 128)
+  int64_t rows = 0;                // rows in quads
 };
+
+// What a kernel does with each finished output: store it, add it to y (the residual), or,
+// for a gate/up panel (16 gate units then the same 16 up units), store silu(gate) * up at
+// the units' positions (p * 16 + j).
+enum Out : int32_t { STORE = 0, ADD = 1, SILU_MUL = 2 };
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = uint32_t(v) << 16;
@@ -87,6 +98,11 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even (as torch; Na
   std::memcpy(&bits, &f, 4);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);
   return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
 }
 
 // ---------------------------------------------------------------- vector helpers
@@ -173,255 +189,378 @@ inline typename V::Vec vexp(typename V::Vec x) {
   return V::mul(y, V::pow2(n));
 }
 
+// silu(g) * u = g / (1 + exp(-g)) * u
+template <class V>
+inline typename V::Vec silu_mul(typename V::Vec g, typename V::Vec u) {
+  return V::mul(V::div(g, V::add(V::set1(1.0f), vexp<V>(V::sub(V::zero(), g)))), u);
+}
+
 // ---------------------------------------------------------------- linear kernels
-// Each computes input rows m0..m0+MB-1 against packed blocks [b0, b1) and finishes every
-// (row, output) with finish(): the horizontal sum of its accumulator, then the row scale
-// (int8), the bias, and the residual (accumulate: y += value, else y = value).
-using RowsFn = void (*)(const Linear&, const Act&, int64_t m0, float* y, int64_t ldy, int64_t b0, int64_t b1,
-                        bool accumulate);
+// Each computes input rows m0..m0+MB-1 against panels [p0, p1) and hands every panel's
+// 32 outputs of a row to emit(). pf: prefetch this many bytes ahead of the weights read
+// (the next tile, while a multi-pass tile is read from cache), or 0.
+using PanelsFn = void (*)(const Linear&, const Act&, int64_t m0, float* y, int64_t ldy, int64_t p0, int64_t p1,
+                          Out mode, int64_t pf);
 
-inline void finish(const Linear& L, int64_t n, float v, float* y, bool accumulate) {
-  if (n >= L.N) return;
-  if (L.fmt == INT8) v *= L.scale[n];
-  if (L.bias) v += L.bias[n];
-  *y = accumulate ? *y + v : v;
-}
-
-template <int MB>
-PACE_AVX512_FN void rows_f32_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t b0,
-                                    int64_t b1, bool accumulate) {
-  const int64_t chunks = L.Kp / 16;
-  for (int64_t b = b0; b < b1; ++b) {
-    const float* w = reinterpret_cast<const float*>(L.w) + b * kBlockRows * L.Kp;
-    __m512 s[kBlockRows][MB];
-    for (int n = 0; n < kBlockRows; ++n)
-      for (int m = 0; m < MB; ++m) s[n][m] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c, w += 64) {
-      __m512 wv[kBlockRows];
-      for (int n = 0; n < kBlockRows; ++n) wv[n] = _mm512_loadu_ps(w + 16 * n);
-      for (int m = 0; m < MB; ++m) {
-        const __m512 xv = _mm512_loadu_ps(a.f32 + (m0 + m) * a.ld + c * 16);
-        for (int n = 0; n < kBlockRows; ++n) s[n][m] = _mm512_fmadd_ps(wv[n], xv, s[n][m]);
-      }
-    }
-    for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < kBlockRows; ++n)
-        finish(L, b * kBlockRows + n, Avx512::sum(s[n][m]), y + (m0 + m) * ldy + b * kBlockRows + n, accumulate);
+inline void prefetch_step(const uint8_t* w, int64_t pf) {
+  if (pf) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + pf), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + pf + 64), _MM_HINT_T0);
   }
 }
 
-// bfloat16 weights widened exactly to float32 (AVX-512 without BF16 dot products)
-template <int MB>
-PACE_AVX512_FN void rows_bf16_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t b0,
-                                     int64_t b1, bool accumulate) {
-  const int64_t chunks = L.Kp / 32;
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint16_t* w = reinterpret_cast<const uint16_t*>(L.w) + b * kBlockRows * L.Kp;
-    __m512 s[kBlockRows][MB];
-    for (int n = 0; n < kBlockRows; ++n)
-      for (int m = 0; m < MB; ++m) s[n][m] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c, w += 128) {
-      __m512 lo[kBlockRows], hi[kBlockRows];
-      for (int n = 0; n < kBlockRows; ++n) {
-        lo[n] = Avx512::load(w + 32 * n);
-        hi[n] = Avx512::load(w + 32 * n + 16);
-      }
-      for (int m = 0; m < MB; ++m) {
-        const float* x = a.f32 + (m0 + m) * a.ld + c * 32;
-        const __m512 xl = _mm512_loadu_ps(x), xh = _mm512_loadu_ps(x + 16);
-        for (int n = 0; n < kBlockRows; ++n) s[n][m] = _mm512_fmadd_ps(hi[n], xh, _mm512_fmadd_ps(lo[n], xl, s[n][m]));
-      }
-    }
-    for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < kBlockRows; ++n)
-        finish(L, b * kBlockRows + n, Avx512::sum(s[n][m]), y + (m0 + m) * ldy + b * kBlockRows + n, accumulate);
+// The panel's 32 outputs of one row (two vectors): the row scale (int8), the bias, then
+// the output mode; outputs past N are not written.
+PACE_AVX512 void emit_avx512(const Linear& L, Out mode, float* yrow, int64_t p, __m512 a0, __m512 a1) {
+  const int64_t n0 = p * kPanel;
+  if (L.fmt == INT8) {
+    a0 = _mm512_mul_ps(a0, _mm512_loadu_ps(L.scale + n0));
+    a1 = _mm512_mul_ps(a1, _mm512_loadu_ps(L.scale + n0 + 16));
   }
+  if (L.bias) {
+    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(L.bias + n0));
+    a1 = _mm512_add_ps(a1, _mm512_loadu_ps(L.bias + n0 + 16));
+  }
+  if (mode == SILU_MUL) {
+    _mm512_storeu_ps(yrow + p * 16, silu_mul<Avx512>(a0, a1));
+    return;
+  }
+  const int64_t left = L.N - n0;
+  const __mmask16 k0 = left >= 16 ? 0xffff : left <= 0 ? 0 : __mmask16((1u << left) - 1);
+  const __mmask16 k1 = left >= 32 ? 0xffff : left <= 16 ? 0 : __mmask16((1u << (left - 16)) - 1);
+  if (mode == ADD) {
+    a0 = _mm512_add_ps(_mm512_maskz_loadu_ps(k0, yrow + n0), a0);
+    a1 = _mm512_add_ps(_mm512_maskz_loadu_ps(k1, yrow + n0 + 16), a1);
+  }
+  _mm512_mask_storeu_ps(yrow + n0, k0, a0);
+  _mm512_mask_storeu_ps(yrow + n0 + 16, k1, a1);
 }
 
-// bfloat16 weights and inputs, VDPBF16PS: 32 pairs of products (exact) summed into 16
-// float32 lanes per instruction
-template <int MB>
-PACE_BF16_FN void rows_bf16dp_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t b0,
-                                     int64_t b1, bool accumulate) {
-  const int64_t chunks = L.Kp / 32;
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint16_t* w = reinterpret_cast<const uint16_t*>(L.w) + b * kBlockRows * L.Kp;
-    __m512 s[kBlockRows][MB];
-    for (int n = 0; n < kBlockRows; ++n)
-      for (int m = 0; m < MB; ++m) s[n][m] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c, w += 128) {
-      __m512i wv[kBlockRows];
-      for (int n = 0; n < kBlockRows; ++n) wv[n] = _mm512_loadu_si512(w + 32 * n);
-      for (int m = 0; m < MB; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(a.bf16 + (m0 + m) * a.ld + c * 32);
-        for (int n = 0; n < kBlockRows; ++n) s[n][m] = _mm512_dpbf16_ps(s[n][m], (__m512bh)wv[n], xv);
+// Each kernel below handles NP panels at once (NP = 2 or 3 for few rows: more independent
+// accumulator chains than a single panel's 2 x rows, which leave the FMA units waiting on
+// their latency); every output is still one chain over k, whatever NP or the rows.
+#define PACE_PANEL_PAIRS(kernel, few)                                                                      \
+  constexpr int NP = MB <= (few) / 2 ? 3 : MB <= (few) ? 2 : 1;                                            \
+  int64_t p = p0;                                                                                          \
+  for (; p + NP <= p1; p += NP) kernel<MB, NP>(L, a, m0, y, ldy, p, mode, pf);                            \
+  for (; p < p1; ++p) kernel<MB, 1>(L, a, m0, y, ldy, p, mode, pf)
+
+template <int MB, int NP>
+PACE_AVX512_FN void panel_f32_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p,
+                                     Out mode, int64_t pf) {
+  const int64_t pbytes = panel_bytes(F32, L.Kp);
+  const float* x = a.f32 + m0 * a.ld;
+  const uint8_t* w = L.w + p * pbytes;
+  __m512 s[NP][2][MB];
+  for (int j = 0; j < NP; ++j)
+    for (int m = 0; m < MB; ++m) s[j][0][m] = s[j][1][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < L.Kp; ++k, w += 128) {
+    __m512 wv[NP][2];
+    for (int j = 0; j < NP; ++j) {
+      prefetch_step(w + j * pbytes, pf);
+      wv[j][0] = _mm512_loadu_ps(w + j * pbytes);
+      wv[j][1] = _mm512_loadu_ps(w + j * pbytes + 64);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[m * a.ld + k]);
+      for (int j = 0; j < NP; ++j) {
+        s[j][0][m] = _mm512_fmadd_ps(wv[j][0], xv, s[j][0][m]);
+        s[j][1][m] = _mm512_fmadd_ps(wv[j][1], xv, s[j][1][m]);
       }
     }
-    for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < kBlockRows; ++n)
-        finish(L, b * kBlockRows + n, Avx512::sum(s[n][m]), y + (m0 + m) * ldy + b * kBlockRows + n, accumulate);
   }
+  for (int j = 0; j < NP; ++j)
+    for (int m = 0; m < MB; ++m) emit_avx512(L, mode, y + (m0 + m) * ldy, p + j, s[j][0][m], s[j][1][m]);
+}
+template <int MB>
+PACE_AVX512_FN void panels_f32_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p0,
+                                      int64_t p1, Out mode, int64_t pf) {
+  PACE_PANEL_PAIRS(panel_f32_avx512, 4);
 }
 
-// int8 weights (u8 = q + 128) x int8 inputs, VPDPBUSD; per group of 128: two dot products
-// onto the zero-point correction, converted exactly (|lane| < 2^24) and scaled by the
-// input group's scale; the row scale at the end
-template <int MB>
-PACE_VNNI_FN void rows_int8_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t b0,
-                                   int64_t b1, bool accumulate) {
-  const int64_t groups = L.groups();
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* w = L.w + b * kBlockRows * L.Kp;
-    __m512 s[kBlockRows][MB];
-    for (int n = 0; n < kBlockRows; ++n)
-      for (int m = 0; m < MB; ++m) s[n][m] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g, w += 2 * kBlockRows * 64) {
-      __m512i w0[kBlockRows], w1[kBlockRows];
-      for (int n = 0; n < kBlockRows; ++n) {
-        w0[n] = _mm512_loadu_si512(w + 64 * n);
-        w1[n] = _mm512_loadu_si512(w + kBlockRows * 64 + 64 * n);
-      }
-      for (int m = 0; m < MB; ++m) {
-        const int8_t* x = a.q + (m0 + m) * a.ld + g * kGroup;
-        const __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 64);
-        const __m512i init = _mm512_zextsi128_si512(_mm_cvtsi32_si128(a.qcorr[(m0 + m) * a.groups + g]));
-        const __m512 sx = _mm512_set1_ps(a.qscale[(m0 + m) * a.groups + g]);
-        for (int n = 0; n < kBlockRows; ++n) {
-          const __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, w0[n], x0), w1[n], x1);
-          s[n][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sx, s[n][m]);
-        }
+// bfloat16 weights and inputs, VDPBF16PS: a lane adds w[2s] x[2s] + w[2s+1] x[2s+1]
+template <int MB, int NP>
+PACE_BF16_FN void panel_bf16dp_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p,
+                                      Out mode, int64_t pf) {
+  const int64_t pbytes = panel_bytes(BF16, L.Kp);
+  const uint16_t* x = a.bf16 + m0 * a.ld;
+  const uint8_t* w = L.w + p * pbytes;
+  __m512 s[NP][2][MB];
+  for (int j = 0; j < NP; ++j)
+    for (int m = 0; m < MB; ++m) s[j][0][m] = s[j][1][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < L.Kp / 2; ++k, w += 128) {
+    __m512bh wv[NP][2];
+    for (int j = 0; j < NP; ++j) {
+      prefetch_step(w + j * pbytes, pf);
+      wv[j][0] = (__m512bh)_mm512_loadu_si512(w + j * pbytes);
+      wv[j][1] = (__m512bh)_mm512_loadu_si512(w + j * pbytes + 64);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(load_i32(x + m * a.ld + 2 * k));
+      for (int j = 0; j < NP; ++j) {
+        s[j][0][m] = _mm512_dpbf16_ps(s[j][0][m], wv[j][0], xv);
+        s[j][1][m] = _mm512_dpbf16_ps(s[j][1][m], wv[j][1], xv);
       }
     }
-    for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < kBlockRows; ++n)
-        finish(L, b * kBlockRows + n, Avx512::sum(s[n][m]), y + (m0 + m) * ldy + b * kBlockRows + n, accumulate);
   }
+  for (int j = 0; j < NP; ++j)
+    for (int m = 0; m < MB; ++m) emit_avx512(L, mode, y + (m0 + m) * ldy, p + j, s[j][0][m], s[j][1][m]);
+}
+template <int MB>
+PACE_BF16_FN void panels_bf16dp_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p0,
+                                       int64_t p1, Out mode, int64_t pf) {
+  PACE_PANEL_PAIRS(panel_bf16dp_avx512, 4);
 }
 
-// int4 weights (nibbles q + 8, a scale per row and group) x int8 inputs, VPDPBUSD
+// bfloat16 weights widened exactly to float32 (AVX-512 without BF16 dot products):
+// the even k of a lane is its low half, the odd k its high half
+template <int MB, int NP>
+PACE_AVX512_FN void panel_bf16_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p,
+                                      Out mode, int64_t pf) {
+  const int64_t pbytes = panel_bytes(BF16, L.Kp);
+  const float* x = a.f32 + m0 * a.ld;
+  const __m512i high = _mm512_set1_epi32(int32_t(0xffff0000u));
+  const uint8_t* w = L.w + p * pbytes;
+  __m512 s[NP][2][MB];
+  for (int j = 0; j < NP; ++j)
+    for (int m = 0; m < MB; ++m) s[j][0][m] = s[j][1][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < L.Kp / 2; ++k, w += 128) {
+    __m512 ev[NP][2], od[NP][2];
+    for (int j = 0; j < NP; ++j) {
+      prefetch_step(w + j * pbytes, pf);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i r = _mm512_loadu_si512(w + j * pbytes + 64 * h);
+        ev[j][h] = _mm512_castsi512_ps(_mm512_slli_epi32(r, 16));
+        od[j][h] = _mm512_castsi512_ps(_mm512_and_si512(r, high));
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xe = _mm512_set1_ps(x[m * a.ld + 2 * k]), xo = _mm512_set1_ps(x[m * a.ld + 2 * k + 1]);
+      for (int j = 0; j < NP; ++j)
+        for (int h = 0; h < 2; ++h) s[j][h][m] = _mm512_fmadd_ps(od[j][h], xo, _mm512_fmadd_ps(ev[j][h], xe, s[j][h][m]));
+    }
+  }
+  for (int j = 0; j < NP; ++j)
+    for (int m = 0; m < MB; ++m) emit_avx512(L, mode, y + (m0 + m) * ldy, p + j, s[j][0][m], s[j][1][m]);
+}
 template <int MB>
-PACE_VNNI_FN void rows_int4_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t b0,
-                                   int64_t b1, bool accumulate) {
-  const int64_t groups = L.groups();
+PACE_AVX512_FN void panels_bf16_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p0,
+                                       int64_t p1, Out mode, int64_t pf) {
+  PACE_PANEL_PAIRS(panel_bf16_avx512, 2);
+}
+
+// int8 / int4 weights x int8 inputs, VPDPBUSD: per group of 128 k, integer sums started at
+// the zero-point correction, then one float fma by the group's scale (int4: the weights'
+// group scales times the input's); float partial sums live in a small L1 buffer
+template <int MB, int NP, bool kInt4>
+PACE_VNNI_FN void panel_int_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p,
+                                   Out mode, int64_t pf) {
+  constexpr int fmt = kInt4 ? INT4 : INT8;
+  constexpr int64_t steps = kGroup / step_elems(fmt);
+  const int64_t groups = L.groups(), pbytes = panel_bytes(fmt, L.Kp);
   const __m512i low4 = _mm512_set1_epi8(0x0f);
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* w = L.w + b * kBlockRows * (L.Kp / 2);
-    const float* ws = L.scale + b * groups * kBlockRows;
-    __m512 s[kBlockRows][MB];
-    for (int n = 0; n < kBlockRows; ++n)
-      for (int m = 0; m < MB; ++m) s[n][m] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g, w += kBlockRows * 64, ws += kBlockRows) {
-      __m512i lo[kBlockRows], hi[kBlockRows];
-      __m512 sw[kBlockRows];
-      for (int n = 0; n < kBlockRows; ++n) {
-        const __m512i raw = _mm512_loadu_si512(w + 64 * n);
-        lo[n] = _mm512_and_si512(raw, low4);
-        hi[n] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-        sw[n] = _mm512_set1_ps(ws[n]);
+  alignas(64) float acc[NP][MB][kPanel];
+  const uint8_t* w = L.w + p * pbytes;
+  std::memset(acc, 0, sizeof(acc));
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i is[NP][2][MB];
+    for (int m = 0; m < MB; ++m) {
+      const __m512i c = _mm512_set1_epi32(a.qcorr[(m0 + m) * a.groups + g]);
+      for (int j = 0; j < NP; ++j) is[j][0][m] = is[j][1][m] = c;
+    }
+    const int32_t* xq = a.quads + g * (kGroup / 4) * a.rows + m0;  // this group's quads, rows side by side
+#pragma GCC unroll 4
+    for (int64_t s = 0; s < steps; ++s, w += 128) {
+      __m512i lo[NP][2], hi[NP][2];
+      for (int j = 0; j < NP; ++j) {
+        prefetch_step(w + j * pbytes, pf);
+        for (int h = 0; h < 2; ++h) {
+          const __m512i r = _mm512_loadu_si512(w + j * pbytes + 64 * h);
+          lo[j][h] = kInt4 ? _mm512_and_si512(r, low4) : r;
+          hi[j][h] = kInt4 ? _mm512_and_si512(_mm512_srli_epi16(r, 4), low4) : r;
+        }
       }
       for (int m = 0; m < MB; ++m) {
-        const int8_t* x = a.q + (m0 + m) * a.ld + g * kGroup;
-        const __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 64);
-        const __m512i init = _mm512_zextsi128_si512(_mm_cvtsi32_si128(a.qcorr[(m0 + m) * a.groups + g]));
+        if (kInt4) {
+          const __m512i xa = _mm512_set1_epi32(xq[(2 * s) * a.rows + m]);
+          const __m512i xb = _mm512_set1_epi32(xq[(2 * s + 1) * a.rows + m]);
+          for (int j = 0; j < NP; ++j)
+            for (int h = 0; h < 2; ++h)
+              is[j][h][m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(is[j][h][m], lo[j][h], xa), hi[j][h], xb);
+        } else {
+          const __m512i xv = _mm512_set1_epi32(xq[s * a.rows + m]);
+          for (int j = 0; j < NP; ++j)
+            for (int h = 0; h < 2; ++h) is[j][h][m] = _mm512_dpbusd_epi32(is[j][h][m], lo[j][h], xv);
+        }
+      }
+    }
+    for (int j = 0; j < NP; ++j) {
+      __m512 sw[2] = {_mm512_set1_ps(1.0f), _mm512_set1_ps(1.0f)};
+      if (kInt4)
+        for (int h = 0; h < 2; ++h) sw[h] = _mm512_loadu_ps(L.scale + ((p + j) * groups + g) * kPanel + 16 * h);
+      for (int m = 0; m < MB; ++m) {
         const __m512 sx = _mm512_set1_ps(a.qscale[(m0 + m) * a.groups + g]);
-        for (int n = 0; n < kBlockRows; ++n) {
-          const __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, lo[n], x0), hi[n], x1);
-          s[n][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sw[n], sx), s[n][m]);
+        for (int h = 0; h < 2; ++h) {
+          const __m512 c = kInt4 ? _mm512_mul_ps(sw[h], sx) : sx;
+          float* out = acc[j][m] + 16 * h;
+          _mm512_store_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[j][h][m]), c, _mm512_load_ps(out)));
         }
       }
     }
-    for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < kBlockRows; ++n)
-        finish(L, b * kBlockRows + n, Avx512::sum(s[n][m]), y + (m0 + m) * ldy + b * kBlockRows + n, accumulate);
   }
+  for (int j = 0; j < NP; ++j)
+    for (int m = 0; m < MB; ++m)
+      emit_avx512(L, mode, y + (m0 + m) * ldy, p + j, _mm512_load_ps(acc[j][m]), _mm512_load_ps(acc[j][m] + 16));
 }
-
-// ---- AVX2 (and FMA): the same layouts, 8-lane accumulators
+template <int MB, int NP>
+PACE_VNNI_FN void panel_int8_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p,
+                                    Out mode, int64_t pf) {
+  panel_int_avx512<MB, NP, false>(L, a, m0, y, ldy, p, mode, pf);
+}
+template <int MB, int NP>
+PACE_VNNI_FN void panel_int4_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p,
+                                    Out mode, int64_t pf) {
+  panel_int_avx512<MB, NP, true>(L, a, m0, y, ldy, p, mode, pf);
+}
 template <int MB>
-PACE_AVX2_FN void rows_f32_avx2(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t b0,
-                                int64_t b1, bool accumulate) {
-  const int64_t chunks = L.Kp / 16;
-  for (int64_t b = b0; b < b1; ++b) {
-    const float* w = reinterpret_cast<const float*>(L.w) + b * kBlockRows * L.Kp;
-    __m256 s[kBlockRows][MB];
-    for (int n = 0; n < kBlockRows; ++n)
-      for (int m = 0; m < MB; ++m) s[n][m] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c, w += 64)
-      for (int m = 0; m < MB; ++m) {
-        const float* x = a.f32 + (m0 + m) * a.ld + c * 16;
-        const __m256 xl = _mm256_loadu_ps(x), xh = _mm256_loadu_ps(x + 8);
-        for (int n = 0; n < kBlockRows; ++n)
-          s[n][m] = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16 * n + 8), xh,
-                                    _mm256_fmadd_ps(_mm256_loadu_ps(w + 16 * n), xl, s[n][m]));
-      }
+PACE_VNNI_FN void panels_int8_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p0,
+                                     int64_t p1, Out mode, int64_t pf) {
+  PACE_PANEL_PAIRS(panel_int8_avx512, 0);
+}
+template <int MB>
+PACE_VNNI_FN void panels_int4_avx512(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p0,
+                                     int64_t p1, Out mode, int64_t pf) {
+  PACE_PANEL_PAIRS(panel_int4_avx512, 3);
+}
+
+// ---- AVX2 (and FMA): the same panels as four 8-lane vectors
+PACE_AVX2 void emit_avx2(const Linear& L, Out mode, float* yrow, int64_t p, __m256* v) {
+  const int64_t n0 = p * kPanel;
+  for (int q = 0; q < 4; ++q) {
+    if (L.fmt == INT8) v[q] = _mm256_mul_ps(v[q], _mm256_loadu_ps(L.scale + n0 + 8 * q));
+    if (L.bias) v[q] = _mm256_add_ps(v[q], _mm256_loadu_ps(L.bias + n0 + 8 * q));
+  }
+  if (mode == SILU_MUL) {
+    _mm256_storeu_ps(yrow + p * 16, silu_mul<Avx2>(v[0], v[2]));
+    _mm256_storeu_ps(yrow + p * 16 + 8, silu_mul<Avx2>(v[1], v[3]));
+    return;
+  }
+  alignas(32) float out[kPanel];
+  for (int q = 0; q < 4; ++q) _mm256_store_ps(out + 8 * q, v[q]);
+  const int64_t n = std::min<int64_t>(kPanel, L.N - n0);
+  for (int64_t j = 0; j < n; ++j) yrow[n0 + j] = mode == ADD ? yrow[n0 + j] + out[j] : out[j];
+}
+
+template <int MB>
+PACE_AVX2_FN void panels_f32_avx2(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p0,
+                                  int64_t p1, Out mode, int64_t pf) {
+  const float* x = a.f32 + m0 * a.ld;
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* w = L.w + p * panel_bytes(F32, L.Kp);
+    __m256 s[MB][4];
     for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < kBlockRows; ++n)
-        finish(L, b * kBlockRows + n, Avx2::sum(s[n][m]), y + (m0 + m) * ldy + b * kBlockRows + n, accumulate);
+      for (int q = 0; q < 4; ++q) s[m][q] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < L.Kp; ++k, w += 128) {
+      prefetch_step(w, pf);
+      for (int m = 0; m < MB; ++m) {
+        const __m256 xv = _mm256_set1_ps(x[m * a.ld + k]);
+        for (int q = 0; q < 4; ++q) s[m][q] = _mm256_fmadd_ps(_mm256_loadu_ps((const float*)w + 8 * q), xv, s[m][q]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) emit_avx2(L, mode, y + (m0 + m) * ldy, p, s[m]);
   }
 }
 
 template <int MB>
-PACE_AVX2_FN void rows_bf16_avx2(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t b0,
-                                 int64_t b1, bool accumulate) {
-  const int64_t chunks = L.Kp / 32;
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint16_t* w = reinterpret_cast<const uint16_t*>(L.w) + b * kBlockRows * L.Kp;
-    __m256 s[kBlockRows][MB];
-    for (int n = 0; n < kBlockRows; ++n)
-      for (int m = 0; m < MB; ++m) s[n][m] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c, w += 128)
-      for (int m = 0; m < MB; ++m) {
-        const float* x = a.f32 + (m0 + m) * a.ld + c * 32;
-        for (int n = 0; n < kBlockRows; ++n)
-          for (int q = 0; q < 4; ++q)
-            s[n][m] = _mm256_fmadd_ps(Avx2::load(w + 32 * n + 8 * q), _mm256_loadu_ps(x + 8 * q), s[n][m]);
-      }
+PACE_AVX2_FN void panels_bf16_avx2(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p0,
+                                   int64_t p1, Out mode, int64_t pf) {
+  const float* x = a.f32 + m0 * a.ld;
+  const __m256i high = _mm256_set1_epi32(int32_t(0xffff0000u));
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* w = L.w + p * panel_bytes(BF16, L.Kp);
+    __m256 s[MB][4];
     for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < kBlockRows; ++n)
-        finish(L, b * kBlockRows + n, Avx2::sum(s[n][m]), y + (m0 + m) * ldy + b * kBlockRows + n, accumulate);
+      for (int q = 0; q < 4; ++q) s[m][q] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < L.Kp / 2; ++k, w += 128) {
+      prefetch_step(w, pf);
+      for (int m = 0; m < MB; ++m) {
+        const __m256 xe = _mm256_set1_ps(x[m * a.ld + 2 * k]), xo = _mm256_set1_ps(x[m * a.ld + 2 * k + 1]);
+        for (int q = 0; q < 4; ++q) {
+          const __m256i r = _mm256_loadu_si256((const __m256i*)(w + 32 * q));
+          s[m][q] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(r, high)), xo,
+                                    _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(r, 16)), xe, s[m][q]));
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) emit_avx2(L, mode, y + (m0 + m) * ldy, p, s[m]);
   }
 }
 
-// int8 / int4 on AVX2: u8 weights and s8 inputs widened to int16, VPMADDWD into int32
-// lanes (exact, as VPDPBUSD), the same zero-point correction and scales
+// int8 / int4 on AVX2 (no VNNI): VPMADDUBSW (u8 x s8 pairs into int16) then VPMADDWD by
+// ones into the lanes' int32 sums. int4 weights (0..15) never saturate the pairs; int8
+// weights use the sign trick instead (|x| as u8 times the weight carrying x's sign: at
+// most 2 * 127 * 127), so no zero-point correction: same integer sums as VPDPBUSD
 template <int MB, bool kInt4>
-PACE_AVX2_FN void rows_int_avx2(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t b0,
-                                int64_t b1, bool accumulate) {
+PACE_AVX2_FN void panels_int_avx2(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p0,
+                                  int64_t p1, Out mode, int64_t pf) {
+  constexpr int fmt = kInt4 ? INT4 : INT8;
+  constexpr int64_t steps = kGroup / step_elems(fmt);
   const int64_t groups = L.groups();
-  const int64_t group_bytes = kInt4 ? 64 : 128;  // one row's bytes of one group
-  const __m128i low4 = _mm_set1_epi8(0x0f);
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* w = L.w + b * kBlockRows * groups * group_bytes;
-    __m256 s[kBlockRows][MB];
-    for (int n = 0; n < kBlockRows; ++n)
-      for (int m = 0; m < MB; ++m) s[n][m] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g, w += kBlockRows * group_bytes) {
-      for (int m = 0; m < MB; ++m) {
-        const int8_t* x = a.q + (m0 + m) * a.ld + g * kGroup;
-        const __m256i init = _mm256_zextsi128_si256(_mm_cvtsi32_si128(a.qcorr[(m0 + m) * a.groups + g]));
-        const float sx = a.qscale[(m0 + m) * a.groups + g];
-        for (int n = 0; n < kBlockRows; ++n) {
-          __m256i t = init;
-          for (int j = 0; j < 8; ++j) {  // 16 elements at a time
-            __m128i wb;
-            if (kInt4) {  // elements 16j..16j+15: low nibbles of bytes 16j.. (j < 4), high nibbles of 16(j-4).. after
-              const __m128i raw = _mm_loadu_si128((const __m128i*)(w + 64 * n + 16 * (j & 3)));
-              wb = j < 4 ? _mm_and_si128(raw, low4) : _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-            } else {  // chunk j/4 of the group (rows interleaved per chunk), bytes 16*(j%4)..
-              wb = _mm_loadu_si128((const __m128i*)(w + (j / 4) * kBlockRows * 64 + 64 * n + 16 * (j & 3)));
+  const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
+  alignas(32) float acc[MB][kPanel];
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* w = L.w + p * panel_bytes(fmt, L.Kp);
+    for (int m = 0; m < MB; ++m) std::memset(acc[m], 0, sizeof(acc[m]));
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256i is[MB][4];
+      for (int m = 0; m < MB; ++m)
+        for (int q = 0; q < 4; ++q)
+          is[m][q] = _mm256_set1_epi32(kInt4 ? a.qcorr[(m0 + m) * a.groups + g] : 0);
+      const int32_t* xq = a.quads + g * (kGroup / 4) * a.rows + m0;
+      for (int64_t s = 0; s < steps; ++s, w += 128) {
+        prefetch_step(w, pf);
+        for (int q = 0; q < 4; ++q) {
+          const __m256i r = _mm256_loadu_si256((const __m256i*)(w + 32 * q));
+          for (int m = 0; m < MB; ++m) {
+            if (kInt4) {
+              const __m256i xa = _mm256_set1_epi32(xq[(2 * s) * a.rows + m]);
+              const __m256i xb = _mm256_set1_epi32(xq[(2 * s + 1) * a.rows + m]);
+              const __m256i lo = _mm256_and_si256(r, low4), hi = _mm256_and_si256(_mm256_srli_epi16(r, 4), low4);
+              const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
+              is[m][q] = _mm256_add_epi32(is[m][q], _mm256_madd_epi16(pairs, ones));
+            } else {
+              const __m256i xv = _mm256_set1_epi32(xq[s * a.rows + m]);
+              const __m256i signed_w = _mm256_sign_epi8(_mm256_xor_si256(r, flip), xv);
+              is[m][q] = _mm256_add_epi32(is[m][q],
+                                          _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(xv), signed_w), ones));
             }
-            const __m256i xw = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(x + 16 * j)));
-            t = _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_cvtepu8_epi16(wb), xw));
           }
-          const float scale = kInt4 ? L.scale[(b * groups + g) * kBlockRows + n] * sx : sx;
-          s[n][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(scale), s[n][m]);
+        }
+      }
+      for (int m = 0; m < MB; ++m) {
+        const __m256 sx = _mm256_set1_ps(a.qscale[(m0 + m) * a.groups + g]);
+        for (int q = 0; q < 4; ++q) {
+          const __m256 c = kInt4 ? _mm256_mul_ps(_mm256_loadu_ps(L.scale + (p * groups + g) * kPanel + 8 * q), sx) : sx;
+          _mm256_store_ps(acc[m] + 8 * q, _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[m][q]), c, _mm256_load_ps(acc[m] + 8 * q)));
         }
       }
     }
-    for (int m = 0; m < MB; ++m)
-      for (int n = 0; n < kBlockRows; ++n)
-        finish(L, b * kBlockRows + n, Avx2::sum(s[n][m]), y + (m0 + m) * ldy + b * kBlockRows + n, accumulate);
+    for (int m = 0; m < MB; ++m) {
+      __m256 v[4];
+      for (int q = 0; q < 4; ++q) v[q] = _mm256_load_ps(acc[m] + 8 * q);
+      emit_avx2(L, mode, y + (m0 + m) * ldy, p, v);
+    }
   }
+}
+template <int MB>
+PACE_AVX2_FN void panels_int8_avx2(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p0,
+                                   int64_t p1, Out mode, int64_t pf) {
+  panels_int_avx2<MB, false>(L, a, m0, y, ldy, p0, p1, mode, pf);
+}
+template <int MB>
+PACE_AVX2_FN void panels_int4_avx2(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t p0,
+                                   int64_t p1, Out mode, int64_t pf) {
+  panels_int_avx2<MB, true>(L, a, m0, y, ldy, p0, p1, mode, pf);
 }
 
 // ---------------------------------------------------------------- row-wise ops
@@ -444,38 +583,30 @@ inline void rms_norm_row(const float* x, const float* w, float* y, int64_t n, fl
   for (; i < n; ++i) y[i] = w[i] * (x[i] * r);
 }
 
-// act[u] = silu(gate[u]) * up[u]
+// An input row in int8 for the int8/int4 kernels, in groups of 128: scale = max|x| / 127,
+// values x * (127 / max|x|) rounded to nearest even, and each group's correction
+// -zero_point * sum. Writes all kp elements (x's padding is 0) as the row's quads:
+// q + (k / 4) * stride bytes... (stride: 4 * the rows side by side).
 template <class V>
-inline void silu_mul_row(const float* gate, const float* up, float* act, int64_t n) {
-  constexpr int W = V::kLanes;
-  int64_t i = 0;
-  const auto one = V::set1(1.0f), zero = V::zero();
-  for (; i + W <= n; i += W) {
-    const auto g = V::load(gate + i);
-    V::store(act + i, V::mul(V::div(g, V::add(one, vexp<V>(V::sub(zero, g)))), V::load(up + i)));
-  }
-  for (; i < n; ++i) act[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-}
-
-// An input row in the form a format's kernel reads: bfloat16 (rounded to nearest even),
-// or int8 in groups of 128 (scale = max|x| / 127, values rounded to nearest even) with
-// each group's correction -zero_point * sum. Writes all kp elements (x's padding is 0).
-template <class V>
-inline void quantize_row(const float* x, int64_t kp, int8_t* q, float* scale, int32_t* corr, int32_t zero_point) {
+inline void quantize_row(const float* x, int64_t kp, int8_t* q, int64_t stride, float* scale, int32_t* corr,
+                         int32_t zero_point) {
   constexpr int W = V::kLanes;
   for (int64_t g = 0; g < kp / kGroup; ++g) {
     const float* xg = x + g * kGroup;
     auto amax = V::zero();
     for (int i = 0; i < kGroup; i += W) amax = V::max(amax, V::abs(V::load(xg + i)));
     const float m = V::max_of(amax);
-    const float d = m / 127.0f, inv = m > 0.0f ? 127.0f / m : 0.0f;
+    const float inv = m > 0.0f ? 127.0f / m : 0.0f;
+    alignas(64) float scaled[kGroup];
+    for (int i = 0; i < kGroup; i += W) V::store(scaled + i, V::mul(V::load(xg + i), V::set1(inv)));
     int32_t sum = 0;
-    for (int i = 0; i < kGroup; ++i) {
-      const int32_t v = int32_t(std::nearbyint(xg[i] * inv));
-      q[g * kGroup + i] = int8_t(std::max(-127, std::min(127, v)));
-      sum += q[g * kGroup + i];
+    for (int i = 0; i < kGroup; ++i) {  // nearbyint: the current rounding mode, nearest even
+      const int32_t v = std::max(-127, std::min(127, int32_t(std::nearbyint(scaled[i]))));
+      const int64_t k = g * kGroup + i;
+      q[(k / 4) * stride + k % 4] = int8_t(v);
+      sum += v;
     }
-    scale[g] = d;
+    scale[g] = m / 127.0f;
     corr[g] = -zero_point * sum;
   }
 }
@@ -538,18 +669,17 @@ inline void attend_row(const float* q, const T* k, const T* v, int64_t L, int64_
 using AttendFn = void (*)(const float* q, const void* k, const void* v, int64_t L, int64_t D, float scale, float* o,
                           float* scores);
 using NormFn = void (*)(const float* x, const float* w, float* y, int64_t n, float eps);
-using SiluMulFn = void (*)(const float* gate, const float* up, float* act, int64_t n);
-using QuantizeFn = void (*)(const float* x, int64_t kp, int8_t* q, float* scale, int32_t* corr, int32_t zero_point);
+using QuantizeFn = void (*)(const float* x, int64_t kp, int8_t* q, int64_t stride, float* scale, int32_t* corr,
+                           int32_t zero_point);
 
 // The kernels of one instruction set.
 struct Isa {
   const char* name = "";
-  RowsFn rows[NUM_FORMATS][kMaxPass + 1] = {};  // by format and input rows per pass
-  int max_pass[NUM_FORMATS] = {};               // 0: the format is not available
-  bool bf16_dot = false;                        // BF16 reads bfloat16 inputs (dot products)
+  PanelsFn panels[NUM_FORMATS][kMaxPass + 1] = {};  // by format and input rows per pass
+  int max_pass[NUM_FORMATS] = {};                   // 0: the format is not available
+  bool bf16_dot = false;                            // BF16 reads bfloat16 inputs (dot products)
   AttendFn attend_f32 = nullptr, attend_bf16 = nullptr;
   NormFn rms_norm = nullptr;
-  SiluMulFn silu_mul = nullptr;
   QuantizeFn quantize = nullptr;
 };
 

@@ -12,6 +12,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -23,21 +24,13 @@ namespace pace {
 // ---------------------------------------------------------------- instruction sets
 namespace {
 
-#define PACE_FILL(table, fmt, fn, n)                                          \
-  do {                                                                        \
-    RowsFn fns[] = {nullptr, fn<1>, fn<2>, fn<3>, fn<4>, fn<5>, fn<6>};       \
-    for (int mb = 1; mb <= (n); ++mb) (table).rows[fmt][mb] = fns[mb];        \
-    (table).max_pass[fmt] = (n);                                              \
+#define PACE_FILL(table, fmt, fn, n)                                                                        \
+  do {                                                                                                      \
+    PanelsFn fns[] = {nullptr, fn<1>, fn<2>, fn<3>, fn<4>, fn<5>, fn<6>, fn<7>, fn<8>, fn<9>, fn<10>, fn<11>, \
+                      fn<12>, fn<13>};                                                                      \
+    for (int mb = 1; mb <= (n); ++mb) (table).panels[fmt][mb] = fns[mb];                                    \
+    (table).max_pass[fmt] = (n);                                                                            \
   } while (0)
-
-template <int MB>
-void rows_int8_avx2(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t b0, int64_t b1, bool acc) {
-  rows_int_avx2<MB, false>(L, a, m0, y, ldy, b0, b1, acc);
-}
-template <int MB>
-void rows_int4_avx2(const Linear& L, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t b0, int64_t b1, bool acc) {
-  rows_int_avx2<MB, true>(L, a, m0, y, ldy, b0, b1, acc);
-}
 
 template <class V>
 void attend_f32(const float* q, const void* k, const void* v, int64_t L, int64_t D, float scale, float* o, float* s) {
@@ -69,13 +62,13 @@ PACE_AVX512_FN void norm_avx512(const float* x, const float* w, float* y, int64_
 PACE_AVX2_FN void norm_avx2(const float* x, const float* w, float* y, int64_t n, float eps) {
   rms_norm_row<Avx2>(x, w, y, n, eps);
 }
-PACE_AVX512_FN void silu_mul_avx512(const float* g, const float* u, float* a, int64_t n) { silu_mul_row<Avx512>(g, u, a, n); }
-PACE_AVX2_FN void silu_mul_avx2(const float* g, const float* u, float* a, int64_t n) { silu_mul_row<Avx2>(g, u, a, n); }
-PACE_AVX512_FN void quantize_avx512(const float* x, int64_t kp, int8_t* q, float* s, int32_t* c, int32_t zp) {
-  quantize_row<Avx512>(x, kp, q, s, c, zp);
+PACE_AVX512_FN void quantize_avx512(const float* x, int64_t kp, int8_t* q, int64_t stride, float* s, int32_t* c,
+                                    int32_t zp) {
+  quantize_row<Avx512>(x, kp, q, stride, s, c, zp);
 }
-PACE_AVX2_FN void quantize_avx2(const float* x, int64_t kp, int8_t* q, float* s, int32_t* c, int32_t zp) {
-  quantize_row<Avx2>(x, kp, q, s, c, zp);
+PACE_AVX2_FN void quantize_avx2(const float* x, int64_t kp, int8_t* q, int64_t stride, float* s, int32_t* c,
+                                int32_t zp) {
+  quantize_row<Avx2>(x, kp, q, stride, s, c, zp);
 }
 
 Isa pick_isa() {
@@ -86,35 +79,33 @@ Isa pick_isa() {
   const bool avx512 = want != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   if (avx512) {
-    PACE_FILL(t, F32, rows_f32_avx512, 6);
+    PACE_FILL(t, F32, panels_f32_avx512, 13);
     t.bf16_dot = want != "avx512" && __builtin_cpu_supports("avx512bf16");
     if (t.bf16_dot)
-      PACE_FILL(t, BF16, rows_bf16dp_avx512, 6);
+      PACE_FILL(t, BF16, panels_bf16dp_avx512, 13);
     else
-      PACE_FILL(t, BF16, rows_bf16_avx512, 4);
+      PACE_FILL(t, BF16, panels_bf16_avx512, 12);
     if (__builtin_cpu_supports("avx512vnni")) {
-      PACE_FILL(t, INT8, rows_int8_avx512, 4);
-      PACE_FILL(t, INT4, rows_int4_avx512, 3);
+      PACE_FILL(t, INT8, panels_int8_avx512, 5);  // 6..13 rows: GCC spills the integer sums
+      PACE_FILL(t, INT4, panels_int4_avx512, 10);
     } else {
-      PACE_FILL(t, INT8, rows_int8_avx2, 2);
-      PACE_FILL(t, INT4, rows_int4_avx2, 2);
+      PACE_FILL(t, INT8, panels_int8_avx2, 2);
+      PACE_FILL(t, INT4, panels_int4_avx2, 2);
     }
     t.name = t.bf16_dot ? "avx512-bf16" : "avx512";
     t.attend_f32 = attend_f32_avx512;
     t.attend_bf16 = attend_bf16_avx512;
     t.rms_norm = norm_avx512;
-    t.silu_mul = silu_mul_avx512;
     t.quantize = quantize_avx512;
   } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    PACE_FILL(t, F32, rows_f32_avx2, 3);
-    PACE_FILL(t, BF16, rows_bf16_avx2, 3);
-    PACE_FILL(t, INT8, rows_int8_avx2, 2);
-    PACE_FILL(t, INT4, rows_int4_avx2, 2);
+    PACE_FILL(t, F32, panels_f32_avx2, 3);
+    PACE_FILL(t, BF16, panels_bf16_avx2, 3);
+    PACE_FILL(t, INT8, panels_int8_avx2, 2);
+    PACE_FILL(t, INT4, panels_int4_avx2, 2);
     t.name = "avx2";
     t.attend_f32 = attend_f32_avx2;
     t.attend_bf16 = attend_bf16_avx2;
     t.rms_norm = norm_avx2;
-    t.silu_mul = silu_mul_avx2;
     t.quantize = quantize_avx2;
   }
   return t;
@@ -171,50 +162,48 @@ std::vector<at::Tensor> pack(const at::Tensor& weight, int64_t fmt) {
   TORCH_CHECK(weight.dim() == 2, "pack: a 2-d weight");
   TORCH_CHECK(fmt >= 0 && fmt < NUM_FORMATS, "pack: unknown format ", fmt);
   const at::Tensor w = weight.contiguous();
-  const int64_t N = w.size(0), K = w.size(1), Np = round_up(N, kBlockRows), Kp = round_up(K, k_align(fmt));
-  const int64_t row_bytes = packed_row_bytes(fmt, Kp), ce = chunk_elems(fmt), chunks = Kp / ce, groups = Kp / kGroup;
-  at::Tensor packed = at::zeros({Np * row_bytes}, at::kByte);
+  const int64_t N = w.size(0), K = w.size(1), Np = round_up(N, kPanel), Kp = round_up(K, k_align(fmt));
+  const int64_t se = step_elems(fmt), steps = Kp / se, groups = Kp / kGroup, pbytes = panel_bytes(fmt, Kp);
+  at::Tensor packed = at::zeros({Np / kPanel * pbytes}, at::kByte);
   at::Tensor scale;
   if (fmt == INT8) scale = at::zeros({Np}, at::kFloat);
   if (fmt == INT4) scale = at::zeros({Np * groups}, at::kFloat);
   uint8_t* out = packed.data_ptr<uint8_t>();
   float* sp = scale.defined() ? scale.data_ptr<float>() : nullptr;
   const Rows src{w};
-  at::parallel_for(0, Np / kBlockRows, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, Np / kPanel, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> row(Kp);
-    for (int64_t b = b0; b < b1; ++b)
-      for (int r = 0; r < kBlockRows; ++r) {
-        const int64_t n = b * kBlockRows + r;
+    for (int64_t p = p0; p < p1; ++p)
+      for (int r = 0; r < kPanel; ++r) {
+        const int64_t n = p * kPanel + r;
         std::fill(row.begin(), row.end(), 0.0f);
         if (n < N)
           for (int64_t k = 0; k < K; ++k) row[k] = src.at(n, k);
-        // chunk c of row r sits at block b, chunk c, slot r
-        auto dst = [&](int64_t c) { return out + ((b * chunks + c) * kBlockRows + r) * kChunkBytes; };
+        // row r's 4 bytes of k-step s
+        auto dst = [&](int64_t s) { return out + p * pbytes + (s * kPanel + r) * kStepBytes; };
         if (fmt == F32) {
-          for (int64_t c = 0; c < chunks; ++c) std::memcpy(dst(c), &row[c * ce], kChunkBytes);
-        } else if (fmt == BF16) {
-          for (int64_t c = 0; c < chunks; ++c) {
-            uint16_t* d = reinterpret_cast<uint16_t*>(dst(c));
-            for (int64_t i = 0; i < ce; ++i) d[i] = float_to_bf16(row[c * ce + i]);
+          for (int64_t s = 0; s < steps; ++s) std::memcpy(dst(s), &row[s], 4);
+        } else if (fmt == BF16) {  // low half: the even k
+          for (int64_t s = 0; s < steps; ++s) {
+            const uint16_t pair[2] = {float_to_bf16(row[2 * s]), float_to_bf16(row[2 * s + 1])};
+            std::memcpy(dst(s), pair, 4);
           }
         } else if (fmt == INT8) {  // per row: scale = max|w| / 127, u8 = q + 128
           float amax = 0.0f;
           for (float v : row) amax = std::max(amax, std::fabs(v));
           const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
           sp[n] = amax / 127.0f;
-          for (int64_t c = 0; c < chunks; ++c) {
-            uint8_t* d = dst(c);
-            for (int64_t i = 0; i < ce; ++i)
-              d[i] = uint8_t(int(std::max(-127.0f, std::min(127.0f, std::nearbyint(row[c * ce + i] * inv)))) + 128);
-          }
-        } else {  // INT4: per group of 128 (one chunk): nibbles q + 8, element j low / 64 + j high
+          for (int64_t s = 0; s < steps; ++s)
+            for (int j = 0; j < 4; ++j)
+              dst(s)[j] = uint8_t(int(std::max(-127.0f, std::min(127.0f, std::nearbyint(row[4 * s + j] * inv)))) + 128);
+        } else {  // INT4, per group of 128: nibbles q + 8; byte j: element j low, element 4 + j high
           for (int64_t g = 0; g < groups; ++g) {
             const float* wg = &row[g * kGroup];
             const float d = int4_scale(wg), inv = d != 0.0f ? 1.0f / d : 0.0f;
-            sp[(b * groups + g) * kBlockRows + r] = d;
-            uint8_t* dd = dst(g);
+            sp[(p * groups + g) * kPanel + r] = d;
             auto q = [&](int i) { return int(std::max(-8.0f, std::min(7.0f, std::nearbyint(wg[i] * inv)))) + 8; };
-            for (int j = 0; j < 64; ++j) dd[j] = uint8_t(q(j) | (q(64 + j) << 4));
+            for (int64_t s = 0; s < kGroup / 8; ++s)
+              for (int j = 0; j < 4; ++j) dst(g * kGroup / 8 + s)[j] = uint8_t(q(8 * s + j) | (q(8 * s + 4 + j) << 4));
           }
         }
       }
@@ -224,20 +213,17 @@ std::vector<at::Tensor> pack(const at::Tensor& weight, int64_t fmt) {
 
 // Row n of a packed linear's weight, as float32 (the dequantized values)
 void unpack_row(const Linear& L, int64_t n, float* out) {
-  const int64_t b = n / kBlockRows, r = n % kBlockRows, ce = chunk_elems(L.fmt), chunks = L.Kp / ce;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const uint8_t* src = L.w + ((b * chunks + c) * kBlockRows + r) * kChunkBytes;
-    for (int64_t i = 0; i < ce; ++i) {
-      const int64_t k = c * ce + i;
-      if (k >= L.K) break;
-      switch (L.fmt) {
-        case F32: out[k] = reinterpret_cast<const float*>(src)[i]; break;
-        case BF16: out[k] = bf16_to_float(reinterpret_cast<const uint16_t*>(src)[i]); break;
-        case INT8: out[k] = float(int(src[i]) - 128) * L.scale[n]; break;
-        default: {
-          const int nib = i < 64 ? src[i] & 15 : src[i - 64] >> 4;
-          out[k] = float(nib - 8) * L.scale[(b * L.groups() + c) * kBlockRows + r];
-        }
+  const int64_t p = n / kPanel, r = n % kPanel, se = step_elems(L.fmt), pbytes = panel_bytes(L.fmt, L.Kp);
+  for (int64_t k = 0; k < L.K; ++k) {
+    const int64_t s = k / se, j = k % se;
+    const uint8_t* src = L.w + p * pbytes + (s * kPanel + r) * kStepBytes;
+    switch (L.fmt) {
+      case F32: std::memcpy(&out[k], src, 4); break;
+      case BF16: out[k] = bf16_to_float(reinterpret_cast<const uint16_t*>(src)[j]); break;
+      case INT8: out[k] = float(int(src[j]) - 128) * L.scale[n]; break;
+      default: {
+        const int nib = j < 4 ? src[j] & 15 : src[j - 4] >> 4;
+        out[k] = float(nib - 8) * L.scale[(p * L.groups() + k / kGroup) * kPanel + r];
       }
     }
   }
@@ -249,12 +235,12 @@ constexpr int64_t kMaxRows = 64;  // rows of one forward (longer prompts run in 
 // Scratch for the prepared inputs of one linear call (rows x Kp)
 struct Prepared {
   std::vector<uint16_t> bf16;
-  std::vector<int8_t> q;
+  std::vector<int32_t> quads;  // int8 inputs, 4 per int32, rows side by side (Act::quads)
   std::vector<float> scale;
   std::vector<int32_t> corr;
   void reserve(int64_t rows, int64_t kp) {
     bf16.assign(rows * kp, 0);
-    q.assign(rows * kp, 0);
+    quads.assign(rows * kp / 4 + 1, 0);
     scale.assign(rows * (kp / kGroup + 1), 0.0f);
     corr.assign(rows * (kp / kGroup + 1), 0);
   }
@@ -262,52 +248,53 @@ struct Prepared {
 
 bool needs_prepare(const Linear& L) { return L.fmt == INT8 || L.fmt == INT4 || (L.fmt == BF16 && isa().bf16_dot); }
 
-// Row m of x (float32, its padding zero) in the form L's kernel reads
-void prepare_row(const Linear& L, const float* x, int64_t m, Prepared& p) {
+// Row m of the `rows` rows of x (float32, its padding zero) in the form L's kernel reads
+void prepare_row(const Linear& L, const float* x, int64_t m, int64_t rows, Prepared& p) {
   if (L.fmt == BF16) {
     uint16_t* d = p.bf16.data() + m * L.Kp;
     for (int64_t k = 0; k < L.Kp; ++k) d[k] = float_to_bf16(x[k]);
   } else if (L.fmt == INT8 || L.fmt == INT4) {
-    isa().quantize(x, L.Kp, p.q.data() + m * L.Kp, p.scale.data() + m * L.groups(), p.corr.data() + m * L.groups(),
-                   L.fmt == INT8 ? 128 : 8);
+    isa().quantize(x, L.Kp, reinterpret_cast<int8_t*>(p.quads.data() + m), 4 * rows, p.scale.data() + m * L.groups(),
+                   p.corr.data() + m * L.groups(), L.fmt == INT8 ? 128 : 8);
   }
 }
 
-Act act_of(const Linear& L, const float* x, int64_t ldx, const Prepared& p) {
+Act act_of(const Linear& L, const float* x, int64_t ldx, int64_t rows, const Prepared& p) {
   Act a;
   if (!needs_prepare(L)) {
     a.f32 = x;
     a.ld = ldx;
   } else {
     a.bf16 = p.bf16.data();
-    a.q = p.q.data();
+    a.quads = p.quads.data();
     a.qscale = p.scale.data();
     a.qcorr = p.corr.data();
     a.ld = L.Kp;
     a.groups = L.groups();
+    a.rows = rows;
   }
   return a;
 }
 
-// Rows 0..M-1 against blocks [b0, b1): passes of at most max_pass rows (balanced); with
-// several passes, tiles of blocks that stay in L2 while every pass reads them
-void linear_blocks(const Linear& L, const Act& a, int64_t M, float* y, int64_t ldy, int64_t b0, int64_t b1,
-                   bool accumulate) {
+// Rows 0..M-1 against panels [p0, p1): passes of at most max_pass rows (balanced); with
+// several passes, tiles of panels that stay in L2 while every pass reads them, the first
+// pass prefetching the next tile (the memory stream goes on while later passes compute)
+void linear_panels(const Linear& L, const Act& a, int64_t M, float* y, int64_t ldy, int64_t p0, int64_t p1, Out mode) {
   const Isa& I = isa();
   const int max_pass = I.max_pass[L.fmt];
   TORCH_CHECK(max_pass > 0, "no kernel for this weight format on this CPU");
   const int64_t passes = (M + max_pass - 1) / max_pass;
   if (passes == 1) {
-    I.rows[L.fmt][M](L, a, 0, y, ldy, b0, b1, accumulate);
+    I.panels[L.fmt][M](L, a, 0, y, ldy, p0, p1, mode, 0);
     return;
   }
-  const int64_t block_bytes = kBlockRows * packed_row_bytes(L.fmt, L.Kp);
-  const int64_t tile = std::max<int64_t>(1, (96 << 10) / block_bytes);
-  for (int64_t t0 = b0; t0 < b1; t0 += tile) {
-    const int64_t t1 = std::min(b1, t0 + tile);
+  const int64_t pbytes = panel_bytes(L.fmt, L.Kp);
+  const int64_t tile = std::max<int64_t>(1, (128 << 10) / pbytes);
+  for (int64_t t0 = p0; t0 < p1; t0 += tile) {
+    const int64_t t1 = std::min(p1, t0 + tile);
     for (int64_t p = 0, m = 0; p < passes; ++p) {
       const int64_t mb = (M - m) / (passes - p);
-      I.rows[L.fmt][mb](L, a, m, y, ldy, t0, t1, accumulate);
+      I.panels[L.fmt][mb](L, a, m, y, ldy, t0, t1, mode, p == 0 && t1 < p1 ? (t1 - t0) * pbytes : 0);
       m += mb;
     }
   }
@@ -316,8 +303,9 @@ void linear_blocks(const Linear& L, const Act& a, int64_t M, float* y, int64_t l
 inline std::pair<int64_t, int64_t> share(int64_t count, int t, int T) { return {count * t / T, count * (t + 1) / T}; }
 
 // ---------------------------------------------------------------- the model
-// gate and up are packed interleaved in runs of kRun units: [gate run 0][up run 0][gate run 1]...
-constexpr int64_t kRun = 16;
+// gate and up are packed interleaved in runs of 16 units, one panel each: [gate 0..15 | up
+// 0..15], [gate 16..31 | up 16..31]...; the panel's kernel stores silu(gate) * up (Out::SILU_MUL)
+constexpr int64_t kRun = kPanel / 2;
 
 struct Layer {
   Linear qkv, o, gate_up, down;
@@ -386,7 +374,6 @@ class Model : public torch::CustomClassHolder {
     xn_.assign(kMaxRows * ld_xn_, 0.0f);
     qkv_.assign(kMaxRows * ld_qkv_, 0.0f);
     attn_.assign(kMaxRows * ld_attn_, 0.0f);
-    gu_.assign(kMaxRows * 2 * units_, 0.0f);
     act_.assign(kMaxRows * ld_act_, 0.0f);
     prepared_.reserve(kMaxRows, max_kp);
   }
@@ -432,16 +419,29 @@ class Model : public torch::CustomClassHolder {
 
   int64_t logit_rows() const { return logit_rows_; }
 
+  // Where forwards spend their time, by stage (seconds summed over the forwards since
+  // profiling was turned on; thread 0's view: a stage's time includes waiting for the
+  // other threads at its closing barrier)
+  void set_profiling(bool on) {
+    profiling_ = on;
+    stage_seconds_.assign(kStages, 0.0);
+  }
+  c10::Dict<std::string, double> profile() const {
+    c10::Dict<std::string, double> out;
+    for (int i = 0; i < kStages && i < int(stage_seconds_.size()); ++i) out.insert(kStageNames[i], stage_seconds_[i]);
+    return out;
+  }
+
  private:
   Linear linear(const std::string& name, const c10::Dict<std::string, int64_t>& ints) {
     Linear L;
     L.fmt = int32_t(ints.at(name + ".fmt"));
     L.N = ints.at(name + ".N");
     L.K = ints.at(name + ".K");
-    L.Np = round_up(L.N, kBlockRows);
+    L.Np = round_up(L.N, kPanel);
     L.Kp = round_up(L.K, k_align(L.fmt));
     const at::Tensor& w = tensors_.at(name + ".w");
-    TORCH_CHECK(w.scalar_type() == at::kByte && w.numel() == L.Np * packed_row_bytes(L.fmt, L.Kp),
+    TORCH_CHECK(w.scalar_type() == at::kByte && w.numel() == L.Np / kPanel * panel_bytes(L.fmt, L.Kp),
                 name, ": packed weight of the wrong size");
     L.w = w.data_ptr<uint8_t>();
     if (L.fmt == INT8 || L.fmt == INT4) {
@@ -450,7 +450,12 @@ class Model : public torch::CustomClassHolder {
                   name, ": scales of the wrong size");
       L.scale = s.data_ptr<float>();
     }
-    L.bias = floats_of(name + ".bias", false);
+    if (tensors_.contains(name + ".bias")) {  // zero-padded to Np: the kernels read whole panels
+      at::Tensor bias = at::zeros({L.Np}, at::kFloat);
+      bias.slice(0, 0, L.N).copy_(tensors_.at(name + ".bias").reshape({-1}));
+      owned_.push_back(bias);
+      L.bias = bias.data_ptr<float>();
+    }
     TORCH_CHECK(isa().max_pass[L.fmt] > 0, name, ": no kernel for its weight format on this CPU");
     return L;
   }
@@ -494,29 +499,39 @@ class Model : public torch::CustomClassHolder {
     float* xn = xn_.data();
     float* qkv = qkv_.data();
     float* attn = attn_.data();
-    float* gu = gu_.data();
     float* act = act_.data();
     Prepared& prep = prepared_;
+    using Clock = std::chrono::steady_clock;
+    auto last = Clock::now();
 #pragma omp parallel num_threads(at::get_num_threads())
     {
       const int t = omp_get_thread_num(), T = omp_get_num_threads();
+      auto mark = [&](Stage stage) {  // after a stage's closing barrier
+        if (!profiling_ || t != 0) return;
+        const auto now = Clock::now();
+        stage_seconds_[stage] += std::chrono::duration<double>(now - last).count();
+        last = now;
+      };
       std::vector<float> scores(start + n + 16);
       auto [r0, r1] = share(n, t, T);
       for (int64_t m = r0; m < r1; ++m) embed_row(ids[m], h + m * ld_h_);
 #pragma omp barrier
+        mark(EMBED);
       for (size_t l = 0; l < layers_.size(); ++l) {
         const Layer& L = layers_[l];
         // input norm, prepared for qkv
         for (int64_t m = r0; m < r1; ++m) {
           I.rms_norm(h + m * ld_h_, L.in_norm, xn + m * ld_xn_, hidden_, eps_);
-          if (needs_prepare(L.qkv)) prepare_row(L.qkv, xn + m * ld_xn_, m, prep);
+          if (needs_prepare(L.qkv)) prepare_row(L.qkv, xn + m * ld_xn_, m, n, prep);
         }
 #pragma omp barrier
+        mark(NORM);
         {
-          auto [b0, b1] = share(L.qkv.blocks(), t, T);
-          linear_blocks(L.qkv, act_of(L.qkv, xn, ld_xn_, prep), n, qkv, ld_qkv_, b0, b1, false);
+          auto [p0, p1] = share(L.qkv.panels(), t, T);
+          linear_panels(L.qkv, act_of(L.qkv, xn, ld_xn_, n, prep), n, qkv, ld_qkv_, p0, p1, STORE);
         }
 #pragma omp barrier
+        mark(QKV);
         // q/k norms (Qwen3), rotary embedding, K and V into the cache
         {
           char* kc = static_cast<char*>(k_cache_[l].data_ptr());
@@ -549,6 +564,7 @@ class Model : public torch::CustomClassHolder {
           }
         }
 #pragma omp barrier
+        mark(ROPE);
         // attention, (head, row) items
         {
           const char* kc = static_cast<const char*>(k_cache_[l].data_ptr());
@@ -563,41 +579,41 @@ class Model : public torch::CustomClassHolder {
           }
         }
 #pragma omp barrier
+        mark(ATTENTION);
         if (needs_prepare(L.o)) {
-          for (int64_t m = r0; m < r1; ++m) prepare_row(L.o, attn + m * ld_attn_, m, prep);
+          for (int64_t m = r0; m < r1; ++m) prepare_row(L.o, attn + m * ld_attn_, m, n, prep);
 #pragma omp barrier
+        mark(O_PREP);
         }
         {
-          auto [b0, b1] = share(L.o.blocks(), t, T);
-          linear_blocks(L.o, act_of(L.o, attn, ld_attn_, prep), n, h, ld_h_, b0, b1, true);
+          auto [p0, p1] = share(L.o.panels(), t, T);
+          linear_panels(L.o, act_of(L.o, attn, ld_attn_, n, prep), n, h, ld_h_, p0, p1, ADD);
         }
 #pragma omp barrier
+        mark(O);
         for (int64_t m = r0; m < r1; ++m) {
           I.rms_norm(h + m * ld_h_, L.post_norm, xn + m * ld_xn_, hidden_, eps_);
-          if (needs_prepare(L.gate_up)) prepare_row(L.gate_up, xn + m * ld_xn_, m, prep);
+          if (needs_prepare(L.gate_up)) prepare_row(L.gate_up, xn + m * ld_xn_, m, n, prep);
         }
 #pragma omp barrier
-        {  // gate and up for this thread's runs of units, then silu(gate) * up for them
-          const int64_t runs = units_ / kRun, blocks_per_run = 2 * kRun / kBlockRows;
-          auto [u0, u1] = share(runs, t, T);
-          linear_blocks(L.gate_up, act_of(L.gate_up, xn, ld_xn_, prep), n, gu, 2 * units_, u0 * blocks_per_run,
-                        u1 * blocks_per_run, false);
-          for (int64_t m = 0; m < n; ++m)
-            for (int64_t r = u0; r < u1; ++r) {
-              const float* g = gu + m * 2 * units_ + 2 * r * kRun;
-              I.silu_mul(g, g + kRun, act + m * ld_act_ + r * kRun, kRun);
-            }
+        mark(POST_NORM);
+        {  // silu(gate) * up, a panel (16 units) at a time
+          auto [p0, p1] = share(L.gate_up.panels(), t, T);
+          linear_panels(L.gate_up, act_of(L.gate_up, xn, ld_xn_, n, prep), n, act, ld_act_, p0, p1, SILU_MUL);
         }
 #pragma omp barrier
+        mark(GATE_UP);
         if (needs_prepare(L.down)) {
-          for (int64_t m = r0; m < r1; ++m) prepare_row(L.down, act + m * ld_act_, m, prep);
+          for (int64_t m = r0; m < r1; ++m) prepare_row(L.down, act + m * ld_act_, m, n, prep);
 #pragma omp barrier
+        mark(DOWN_PREP);
         }
         {
-          auto [b0, b1] = share(L.down.blocks(), t, T);
-          linear_blocks(L.down, act_of(L.down, act, ld_act_, prep), n, h, ld_h_, b0, b1, true);
+          auto [p0, p1] = share(L.down.panels(), t, T);
+          linear_panels(L.down, act_of(L.down, act, ld_act_, n, prep), n, h, ld_h_, p0, p1, ADD);
         }
 #pragma omp barrier
+        mark(DOWN);
       }
       if (num_logits == 0) {
         for (int64_t m = r0; m < r1; ++m) std::memcpy(out + m * hidden_, h + m * ld_h_, hidden_ * 4);
@@ -606,17 +622,27 @@ class Model : public torch::CustomClassHolder {
         auto [q0, q1] = share(num_logits, t, T);
         for (int64_t j = q0; j < q1; ++j) {
           I.rms_norm(h + (n - num_logits + j) * ld_h_, final_norm_, xn + j * ld_xn_, hidden_, eps_);
-          if (needs_prepare(head_)) prepare_row(head_, xn + j * ld_xn_, j, prep);
+          if (needs_prepare(head_)) prepare_row(head_, xn + j * ld_xn_, j, num_logits, prep);
         }
 #pragma omp barrier
+        mark(HEAD_NORM);
         Linear head = head_;
         head.N = logit_rows_;
-        head.Np = round_up(logit_rows_, kBlockRows);
-        auto [b0, b1] = share(head.blocks(), t, T);
-        linear_blocks(head, act_of(head, xn, ld_xn_, prep), num_logits, out, logit_rows_, b0, b1, false);
+        head.Np = round_up(logit_rows_, kPanel);
+        auto [p0, p1] = share(head.panels(), t, T);
+        linear_panels(head, act_of(head, xn, ld_xn_, num_logits, prep), num_logits, out, logit_rows_, p0, p1, STORE);
+#pragma omp barrier
+        mark(HEAD);
       }
     }
   }
+
+  enum Stage { EMBED, NORM, QKV, ROPE, ATTENTION, O_PREP, O, POST_NORM, GATE_UP, DOWN_PREP, DOWN, HEAD_NORM, HEAD, kStages };
+  static constexpr const char* kStageNames[kStages] = {"embed", "norm", "qkv", "rope_cache", "attention", "o_prepare",
+                                                       "o", "post_norm", "gate_up_silu", "down_prepare", "down",
+                                                       "head_norm", "head"};
+  bool profiling_ = false;
+  std::vector<double> stage_seconds_;
 
   c10::Dict<std::string, at::Tensor> tensors_;  // owns every array the pointers below read
   int64_t hidden_ = 0, heads_ = 0, kv_heads_ = 0, head_dim_ = 0, units_ = 0, vocab_ = 0, logit_rows_ = 0;
@@ -628,7 +654,8 @@ class Model : public torch::CustomClassHolder {
   at::Tensor embed_;
   std::vector<at::Tensor> k_cache_, v_cache_;
   int64_t ld_h_ = 0, ld_xn_ = 0, ld_qkv_ = 0, ld_attn_ = 0, ld_act_ = 0;
-  std::vector<float> h_, xn_, qkv_, attn_, gu_, act_;
+  std::vector<at::Tensor> owned_;  // padded copies (biases)
+  std::vector<float> h_, xn_, qkv_, attn_, act_;
   Prepared prepared_;
 };
 
@@ -642,14 +669,15 @@ at::Tensor linear_op(const at::Tensor& x_in, const at::Tensor& packed, const at:
   L.fmt = int32_t(fmt);
   L.N = N;
   L.K = K;
-  L.Np = round_up(N, kBlockRows);
+  L.Np = round_up(N, kPanel);
   L.Kp = round_up(K, k_align(fmt));
-  TORCH_CHECK(packed.numel() == L.Np * packed_row_bytes(L.fmt, L.Kp), "linear: packed weight of the wrong size");
+  TORCH_CHECK(packed.numel() == L.Np / kPanel * panel_bytes(L.fmt, L.Kp), "linear: packed weight of the wrong size");
   L.w = packed.data_ptr<uint8_t>();
   if (fmt == INT8 || fmt == INT4) L.scale = scale.data_ptr<float>();
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) {
-    bias = bias_in->to(at::kFloat).contiguous();
+    bias = at::zeros({L.Np}, at::kFloat);
+    bias.slice(0, 0, N).copy_(bias_in->reshape({-1}));
     L.bias = bias.data_ptr<float>();
   }
   at::Tensor x = at::zeros({x_in.numel() / K, L.Kp}, at::kFloat);
@@ -662,12 +690,12 @@ at::Tensor linear_op(const at::Tensor& x_in, const at::Tensor& packed, const at:
     const int64_t rows = std::min(kMaxRows, M - m0);
     const float* xp = x.data_ptr<float>() + m0 * L.Kp;
     for (int64_t m = 0; m < rows; ++m)
-      if (needs_prepare(L)) prepare_row(L, xp + m * L.Kp, m, prep);
-    const Act a = act_of(L, xp, L.Kp, prep);
+      if (needs_prepare(L)) prepare_row(L, xp + m * L.Kp, m, rows, prep);
+    const Act a = act_of(L, xp, L.Kp, rows, prep);
 #pragma omp parallel num_threads(at::get_num_threads())
     {
-      auto [b0, b1] = share(L.blocks(), omp_get_thread_num(), omp_get_num_threads());
-      linear_blocks(L, a, rows, y.data_ptr<float>() + m0 * N, N, b0, b1, false);
+      auto [p0, p1] = share(L.panels(), omp_get_thread_num(), omp_get_num_threads());
+      linear_panels(L, a, rows, y.data_ptr<float>() + m0 * N, N, p0, p1, STORE);
     }
   }
   std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
@@ -703,9 +731,9 @@ at::Tensor unpack_op(const at::Tensor& packed, const at::Tensor& scale, int64_t 
   L.fmt = int32_t(fmt);
   L.N = N;
   L.K = K;
-  L.Np = round_up(N, kBlockRows);
+  L.Np = round_up(N, kPanel);
   L.Kp = round_up(K, k_align(fmt));
-  TORCH_CHECK(packed.numel() == L.Np * packed_row_bytes(L.fmt, L.Kp), "unpack: packed weight of the wrong size");
+  TORCH_CHECK(packed.numel() == L.Np / kPanel * panel_bytes(L.fmt, L.Kp), "unpack: packed weight of the wrong size");
   L.w = packed.data_ptr<uint8_t>();
   if (fmt == INT8 || fmt == INT4) L.scale = scale.data_ptr<float>();
   at::Tensor out = at::empty({N, K}, at::kFloat);
@@ -713,8 +741,76 @@ at::Tensor unpack_op(const at::Tensor& packed, const at::Tensor& scale, int64_t 
   return out;
 }
 
-std::string isa_name() { return isa().name; }
 bool format_available(int64_t fmt) { return fmt >= 0 && fmt < NUM_FORMATS && isa().max_pass[fmt] > 0; }
+
+// Seconds per call of one thread's kernel for `rows` input rows over a random (N, K)
+// weight in format fmt, repeated `reps` times over the same weight: with a weight that
+// fits in L2 this is the kernel's arithmetic rate (benchmarks/kernel_rate.py)
+double kernel_seconds(int64_t fmt, int64_t rows, int64_t N, int64_t K, int64_t reps) {
+  TORCH_CHECK(format_available(fmt) && rows >= 1 && rows <= kMaxRows, "kernel_seconds: bad arguments");
+  const at::Tensor weight = at::randn({N, K}) * 0.05;
+  const std::vector<at::Tensor> packed = pack(weight, fmt);
+  Linear L;
+  L.fmt = int32_t(fmt);
+  L.N = N;
+  L.K = K;
+  L.Np = round_up(N, kPanel);
+  L.Kp = round_up(K, k_align(fmt));
+  L.w = packed[0].data_ptr<uint8_t>();
+  if (fmt == INT8 || fmt == INT4) L.scale = packed[1].data_ptr<float>();
+  const at::Tensor x = at::randn({rows, L.Kp});
+  Prepared prep;
+  prep.reserve(rows, L.Kp);
+  for (int64_t m = 0; m < rows; ++m)
+    if (needs_prepare(L)) prepare_row(L, x.data_ptr<float>() + m * L.Kp, m, rows, prep);
+  const Act a = act_of(L, x.data_ptr<float>(), L.Kp, rows, prep);
+  std::vector<float> y(rows * L.Np);
+  linear_panels(L, a, rows, y.data(), L.Np, 0, L.panels(), STORE);  // warm-up: the weight into cache
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t r = 0; r < reps; ++r) linear_panels(L, a, rows, y.data(), L.Np, 0, L.panels(), STORE);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
+}
+
+// This core's peak rate of one instruction kind in multiply-adds per second, from a loop of
+// twelve independent instructions: "fma" (float32 FMA, 16 per zmm / 8 per ymm), "bf16"
+// (VDPBF16PS, 32), "int8" (VPDPBUSD, 64); 0 where the CPU lacks it
+constexpr int kPeakChains = 12;  // independent chains: latency x issue rate of every instruction kind here
+#define PACE_PEAK_LOOP(name, isa_str, type, init, op)                                                          \
+  __attribute__((target(isa_str))) void name(int64_t n) {                                                   \
+    type a[kPeakChains];                                                                                    \
+    for (int j = 0; j < kPeakChains; ++j) a[j] = init;                                                      \
+    for (int64_t i = 0; i < n; ++i) {                                                                       \
+      for (int j = 0; j < kPeakChains; ++j) a[j] = op(a[j]);                                                \
+      __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]), "+x"(a[2]), "+x"(a[3]), "+x"(a[4]), "+x"(a[5]),         \
+                       "+x"(a[6]), "+x"(a[7]), "+x"(a[8]), "+x"(a[9]), "+x"(a[10]), "+x"(a[11]));           \
+    }                                                                                                       \
+  }
+#define PACE_FMA512(a) _mm512_fmadd_ps(a, _mm512_set1_ps(0.999999f), _mm512_set1_ps(1e-6f))
+#define PACE_FMA256(a) _mm256_fmadd_ps(a, _mm256_set1_ps(0.999999f), _mm256_set1_ps(1e-6f))
+#define PACE_DPBF16(a) _mm512_dpbf16_ps(a, (__m512bh)_mm512_set1_epi16(0x3f80), (__m512bh)_mm512_set1_epi16(0x3f80))
+#define PACE_DPBUSD(a) _mm512_dpbusd_epi32(a, _mm512_set1_epi8(1), _mm512_set1_epi8(1))
+PACE_PEAK_LOOP(peak_fma512, "avx512f", __m512, _mm512_set1_ps(1.0f), PACE_FMA512)
+PACE_PEAK_LOOP(peak_fma256, "avx2,fma", __m256, _mm256_set1_ps(1.0f), PACE_FMA256)
+PACE_PEAK_LOOP(peak_bf16, "avx512f,avx512bf16", __m512, _mm512_setzero_ps(), PACE_DPBF16)
+PACE_PEAK_LOOP(peak_vnni, "avx512f,avx512vnni", __m512i, _mm512_setzero_si512(), PACE_DPBUSD)
+
+double rate(void (*loop)(int64_t), int64_t macs_per_instruction) {
+  const int64_t iters = 20000000;
+  loop(iters / 10);  // warm up (clock)
+  const auto t0 = std::chrono::steady_clock::now();
+  loop(iters);
+  return double(kPeakChains) * iters * macs_per_instruction / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+double peak_rate(const std::string& kind) {
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (kind == "fma") return avx512 ? rate(peak_fma512, 16) : __builtin_cpu_supports("fma") ? rate(peak_fma256, 8) : 0.0;
+  if (kind == "bf16") return __builtin_cpu_supports("avx512bf16") ? rate(peak_bf16, 32) : 0.0;
+  if (kind == "int8") return __builtin_cpu_supports("avx512vnni") ? rate(peak_vnni, 64) : 0.0;
+  TORCH_CHECK(false, "peak_rate: fma, bf16 or int8");
+}
+
+std::string isa_name() { return isa().name; }
 
 }  // namespace
 }  // namespace pace
@@ -726,12 +822,16 @@ TORCH_LIBRARY(pace_core, m) {
       .def("forward", &pace::Model::forward)
       .def("set_cache", &pace::Model::set_cache)
       .def("set_logit_rows", &pace::Model::set_logit_rows)
-      .def("logit_rows", &pace::Model::logit_rows);
+      .def("logit_rows", &pace::Model::logit_rows)
+      .def("set_profiling", &pace::Model::set_profiling)
+      .def("profile", &pace::Model::profile);
   m.def("pack(Tensor weight, int fmt) -> Tensor[]", &pace::pack);
   m.def("linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int fmt, int N) -> Tensor", &pace::linear_op);
   m.def("unpack(Tensor packed, Tensor scale, int fmt, int N, int K) -> Tensor", &pace::unpack_op);
   m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, int start, float scaling) -> Tensor", &pace::attention_op);
   m.def("isa() -> str", &pace::isa_name);
+  m.def("kernel_seconds(int fmt, int rows, int N, int K, int reps) -> float", &pace::kernel_seconds);
+  m.def("peak_rate(str kind) -> float", &pace::peak_rate);
   m.def("format_available(int fmt) -> bool", &pace::format_available);
   m.def("max_rows() -> int", [] { return pace::kMaxRows; });
 }
