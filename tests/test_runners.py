@@ -16,6 +16,7 @@ from pace_core.loading import load_causal_lm
 from pace_core.runner import CausalLMRunner, make_runner
 
 FORMATS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3}
+GROUP = 64  # int8/int4: input (and int4 weight) quantization group (csrc/kernels.h kGroup)
 
 
 def _native_or_skip():
@@ -118,10 +119,10 @@ def test_native_kernels_fall_back_to_python(tiny_pair, tmp_path, monkeypatch, ca
 
 
 def _quantized_input(x: torch.Tensor, k_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernels' int8 input quantization, in torch: groups of 128, scale max|x|/127,
+    """The kernels' int8 input quantization, in torch: groups of 64, scale max|x|/127,
     values rounded to nearest even (as csrc/kernels.h quantize_row)."""
     x = torch.nn.functional.pad(x, (0, k_pad - x.shape[1]))
-    g = x.view(x.shape[0], -1, 128)
+    g = x.view(x.shape[0], -1, GROUP)
     amax = g.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
     q = torch.round(g * inv).clamp(-127, 127)
@@ -147,8 +148,8 @@ def test_linear_kernel_rows_are_independent_and_exact(fmt, n_out, k_in):
         assert torch.equal(linear(x[:rows]), one_by_one[:rows]), rows
     deq = torch.ops.pace_core.unpack(packed, scale, f, n_out, k_in).double()
     if fmt in ("int8", "int4"):
-        q, s = _quantized_input(x, -(-k_in // 128) * 128)
-        wq = torch.nn.functional.pad(deq, (0, q.shape[1] * 128 - k_in)).view(n_out, -1, 128)
+        q, s = _quantized_input(x, -(-k_in // GROUP) * GROUP)
+        wq = torch.nn.functional.pad(deq, (0, q.shape[1] * GROUP - k_in)).view(n_out, -1, GROUP)
         ref = torch.einsum("mgk,ngk,mg->mn", q.double(), wq, s[..., 0].double()) + b.double()
     else:
         dot_products = fmt == "bfloat16" and torch.ops.pace_core.isa() == "avx512-bf16"  # inputs rounded to bf16
@@ -167,7 +168,7 @@ def test_quantize_round_trip_error_bounds(fmt):
     _native_or_skip()
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(37, 300, generator=gen) * torch.rand(37, 1, generator=gen) * 4
-    w[3, 100:228] = 0.0  # an all-zero int4 group
+    w[3, 128:192] = 0.0  # an all-zero int4 group
     packed, scale = torch.ops.pace_core.pack(w, FORMATS[fmt])
     back = torch.ops.pace_core.unpack(packed, scale, FORMATS[fmt], 37, 300)
     assert packed.dtype == torch.uint8
@@ -178,18 +179,18 @@ def test_quantize_round_trip_error_bounds(fmt):
     if fmt == "int8":
         assert (err <= w.abs().amax(1, keepdim=True) / 254 * 1.0001).all()
         return
-    d = scale.view(2, 3, 32).permute(0, 2, 1).reshape(64, 3)[:37]  # [panel][group][row] -> (row, group)
-    d = d.repeat_interleave(128, 1)[:, :300]
+    d = scale.view(2, 5, 32).permute(0, 2, 1).reshape(64, 5)[:37]  # [panel][group][row] -> (row, group)
+    d = d.repeat_interleave(GROUP, 1)[:, :300]
     ratio = w / torch.where(d == 0, torch.ones_like(d), d)
     inside = (ratio >= -8.5) & (ratio <= 7.5)
     assert (err[inside] <= d.abs()[inside] / 2 * 1.0001 + 1e-7).all()
-    assert (back[3, 100:228] == 0).all()
-    padded = torch.nn.functional.pad(w, (0, 84)).view(37, 3, 128)
+    assert (back[3, 128:192] == 0).all()
+    padded = torch.nn.functional.pad(w, (0, 20)).view(37, 5, GROUP)
     ext = padded.gather(-1, padded.abs().argmax(-1, keepdim=True))
     q4_0 = ext / -8
     plain = (padded / q4_0).round().clamp(-8, 7) * q4_0
     plain_sse = torch.nan_to_num((plain - padded) ** 2).sum(-1)
-    got_sse = (torch.nn.functional.pad(back - w, (0, 84)).view(37, 3, 128) ** 2).sum(-1)
+    got_sse = (torch.nn.functional.pad(back - w, (0, 20)).view(37, 5, GROUP) ** 2).sum(-1)
     assert (got_sse <= plain_sse * 1.0001 + 1e-9).all()
 
 

@@ -15,9 +15,9 @@
 //
 // Formats (one per linear): float32; bfloat16 (AVX512_BF16 VDPBF16PS on pairs of k where
 // the CPU has it, else widened exactly to float32); int8 (symmetric per output row, stored
-// +128 as u8); int4 (symmetric in groups of 128 along k with a float scale each, stored +8
+// +128 as u8); int4 (symmetric in groups of 64 along k with a float scale each, stored +8
 // as nibbles: byte j of a lane's 4 holds k-step element j in its low nibble and 4 + j in
-// its high one). For int8/int4 the input rows are quantized to int8 in groups of 128 along
+// its high one). For int8/int4 the input rows are quantized to int8 in groups of 64 along
 // k (a float scale per group, as llama.cpp's q8 activations) and multiplied with integer
 // dot products (AVX512-VNNI VPDPBUSD: u8 weights x s8 inputs, 4 products per lane; the
 // zero point corrected by starting each group's integer sum at -zero_point * the input
@@ -49,7 +49,7 @@ namespace pace {
 enum Format : int32_t { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3, NUM_FORMATS = 4 };
 constexpr int kPanel = 32;     // output rows per packed panel
 constexpr int kStepBytes = 4;  // bytes of one row per k-step
-constexpr int kGroup = 128;    // int8/int4: input (and int4 weight) quantization group along k
+constexpr int kGroup = 64;     // int8/int4: input (and int4 weight) quantization group along k
 constexpr int kMaxPass = 13;   // input rows per pass, at most
 
 constexpr int64_t step_elems(int fmt) { return fmt == F32 ? 1 : fmt == BF16 ? 2 : fmt == INT8 ? 4 : 8; }
@@ -78,7 +78,7 @@ struct Act {
   const float* qscale = nullptr;   // per row and group
   const int32_t* qcorr = nullptr;  // per row and group: -zero_point * sum of the group's int8 values
   int64_t ld = 0;                  // elements per row (at least the linear's Kp; zero past K)
-  int64_t groups = 0;              // per row (Kp / 128)
+  int64_t groups = 0;              // per row (Kp / kGroup)
   int64_t rows = 0;                // rows in quads
 };
 
@@ -349,7 +349,7 @@ PACE_AVX512_FN void panels_bf16_avx512(const Linear& L, const Act& a, int64_t m0
   PACE_PANEL_PAIRS(panel_bf16_avx512, 2);
 }
 
-// int8 / int4 weights x int8 inputs, VPDPBUSD: per group of 128 k, integer sums started at
+// int8 / int4 weights x int8 inputs, VPDPBUSD: per group of 64 k, integer sums started at
 // the zero-point correction, then one float fma by the group's scale (int4: the weights'
 // group scales times the input's); float partial sums live in a small L1 buffer
 template <int MB, int NP, bool kInt4>
@@ -583,7 +583,7 @@ inline void rms_norm_row(const float* x, const float* w, float* y, int64_t n, fl
   for (; i < n; ++i) y[i] = w[i] * (x[i] * r);
 }
 
-// An input row in int8 for the int8/int4 kernels, in groups of 128: scale = max|x| / 127,
+// An input row in int8 for the int8/int4 kernels, in groups of 64: scale = max|x| / 127,
 // values x * (127 / max|x|) rounded to nearest even, and each group's correction
 // -zero_point * sum. Writes all kp elements (x's padding is 0) as the row's quads:
 // q + (k / 4) * stride bytes... (stride: 4 * the rows side by side).

@@ -136,7 +136,7 @@ struct Rows {
   }
 };
 
-// int4 scale of one group of 128: the extreme value maps to -8 (q4_0's choice of sign
+// int4 scale of one group of 64: the extreme value maps to -8 (q4_0's choice of sign
 // uses the whole [-8, 7] range), refined by a small search for the least squared error
 float int4_scale(const float* w) {
   float ext = 0.0f;
@@ -196,7 +196,7 @@ std::vector<at::Tensor> pack(const at::Tensor& weight, int64_t fmt) {
           for (int64_t s = 0; s < steps; ++s)
             for (int j = 0; j < 4; ++j)
               dst(s)[j] = uint8_t(int(std::max(-127.0f, std::min(127.0f, std::nearbyint(row[4 * s + j] * inv)))) + 128);
-        } else {  // INT4, per group of 128: nibbles q + 8; byte j: element j low, element 4 + j high
+        } else {  // INT4, per group of 64: nibbles q + 8; byte j: element j low, element 4 + j high
           for (int64_t g = 0; g < groups; ++g) {
             const float* wg = &row[g * kGroup];
             const float d = int4_scale(wg), inv = d != 0.0f ? 1.0f / d : 0.0f;
