@@ -71,8 +71,11 @@ def main(argv=None) -> int:
     held_ids = []
     for t in held_texts:
         held_ids += tok.encode(t, add_special_tokens=False) + [tok.eos_token_id]
-    ppl_target = perplexity(model.target.model, held_ids)
-    ppl_draft = perplexity(model.draft.model, held_ids)
+    from pace_core.testing import hf_model  # transformers' own forward (the engine keeps packed weights only)
+
+    target_hf, draft_hf = hf_model(a.target, a.dtype), hf_model(a.draft, a.dtype)
+    ppl_target = perplexity(target_hf, held_ids)
+    ppl_draft = perplexity(draft_hf, held_ids)
     rows = []
     sample = None
     for k in ks:
@@ -96,8 +99,8 @@ def main(argv=None) -> int:
         tokens, steps = sum(len(o.token_ids) for o in outs), sum(o.stats.steps for o in outs)
         vocab_rows.append({"draft_vocab_size": n_vocab, "k": max(ks), "mean_accepted": tokens / steps})
         print(f"draft vocabulary {n_vocab}: {tokens / steps:.2f} tokens per step at K={max(ks)}", file=sys.stderr)
-    n_t = sum(p.numel() for p in model.target.model.parameters())
-    n_d = sum(p.numel() for p in model.draft.model.parameters())
+    n_t = sum(p.numel() for p in target_hf.parameters())
+    n_d = sum(p.numel() for p in draft_hf.parameters())
     meta = {"target": a.target, "draft": a.draft, "prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
             "dtype": a.dtype, "target_params": n_t, "draft_params": n_d, "heldout_tokens": len(held_ids),
             "heldout_perplexity_target": ppl_target, "heldout_perplexity_draft": ppl_draft,

@@ -184,13 +184,14 @@ def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
 
 def ours_decode(llm, prompts: list[list[int]], new_tokens: int, oracle_correct: int | None = None) -> dict:
     """This engine's greedy or PARD decode through its public API, after one warm-up;
-    decode rate = tokens after the first / the time after the first token."""
+    decode rate = the tokens after the first step's / the time after the first step
+    (which prefills the prompt)."""
     from pace_core import SamplingConfig
     from pace_core.testing import OracleDraft
 
     sampling = SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)
     real_draft = llm.draft
-    tokens = seconds = steps = 0
+    tokens = seconds = steps = emitted = 0
     outputs = []
     for i, ids in enumerate([prompts[0]] + prompts):
         if oracle_correct is not None:
@@ -202,12 +203,13 @@ def ours_decode(llm, prompts: list[list[int]], new_tokens: int, oracle_correct: 
         out = llm.generate(ids, sampling)
         if i:  # the first is the warm-up
             st = out.stats
-            tokens += len(out.token_ids) - 1
+            tokens += len(out.token_ids) - st.tokens_per_step[0]
             seconds += st.total_time_s - st.time_to_first_token_s
-            steps += st.steps - 1
+            steps += st.steps
+            emitted += len(out.token_ids)
             outputs.append(out.token_ids)
     llm.draft = real_draft
-    return {"tokens_per_s": tokens / seconds, "tokens_per_step": tokens / max(steps, 1), "outputs": outputs}
+    return {"tokens_per_s": tokens / seconds, "tokens_per_step": emitted / steps, "outputs": outputs}
 
 
 def ours_prefill(llm, tokens: int = 512, reps: int = 2) -> float:

@@ -137,6 +137,8 @@ def _describe(model, pinned: dict, first_chunk_pause_s: float) -> dict:
         "num_speculative_tokens": model.num_speculative_tokens,
         "speculation_schedule": model.speculation_schedule if model.draft else None,
         "dtype": str(model.dtype).removeprefix("torch."),
+        "weights": model.weight_format,
+        "draft_weights": model.draft.weight_format if model.draft else None,
         "forward": model.forward_kind,
         "max_context": model.max_context,
         "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

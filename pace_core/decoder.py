@@ -9,10 +9,9 @@ Each step:
      position, then the target's own choice is appended (the correction, or the bonus
      token when all K were kept);
   4. the target's cache is trimmed to the accepted length.
-So every step emits 1..K+1 tokens, exactly the target's own greedy output (a target
-whose rows are exact only in forwards up to some size, ``row_exact_limit``: bfloat16,
-reads a longer prompt alone in the first step, as plain decoding does). When
-sampling, step 3 is speculative sampling instead and the output is distributed exactly
+So every step emits 1..K+1 tokens, exactly the target's own greedy output (bit for bit
+when the target computes each token's row alone, as the native runner does in every
+weight format: a verify's logits are then the decode steps' logits). When sampling, step 3 is speculative sampling instead and the output is distributed exactly
 as sampling from the target alone; the choices (and the logits processors behind them)
 belong to the request's :class:`~pace_core.sampling.Sampler`.
 
@@ -79,8 +78,6 @@ def decode(
     while produced < max_new_tokens:
         # never propose beyond the last token we may emit
         k_step = min(k_next, max_new_tokens - produced - 1) if draft is not None else 0
-        if 0 < target.row_exact_limit < len(target_unseen) + k_step:
-            k_step = 0  # the prompt alone first, as plain decoding reads it: same rows, same tokens
         t0 = t1 = time.perf_counter()
         proposal = []
         if k_step:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -90,16 +89,13 @@ class LeanRunner:
         if self.native:
             self._pack(model, release_weights)
             self.model = None  # not needed: the packed weights are the runner's own
-            # every forward's rows are computed alone (prompts in chunks of max_rows): any length
-            self.row_exact_limit = math.inf
-            self.chunk = torch.ops.pace_core.max_rows()
+            self.chunk = torch.ops.pace_core.max_rows()  # prompts run in chunks of this many rows
         else:
             self.model = model
             self.modeling = importlib.import_module(type(model).__module__)
             self.qkv = [self._fuse([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj])
                         for l in model.model.layers]
             self.gate_up = [self._fuse([l.mlp.gate_proj, l.mlp.up_proj]) for l in model.model.layers]
-            self.row_exact_limit = 0  # torch's GEMM rounds by shape: no per-row promise
             self.chunk = 0
         self.capacity = 0
         self.k_cache: list[torch.Tensor] = []

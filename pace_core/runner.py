@@ -11,12 +11,8 @@ import torch
 
 
 class CausalLMRunner:
-    # a forward of up to this many tokens computes each token's row exactly as a
-    # one-token forward would (math.inf: any length; 0: no such promise, as here:
-    # transformers' GEMMs round by shape). The decoder keeps its first verify within it.
-    row_exact_limit: float = 0
-
-    native = False  # transformers' own forward
+    native = False  # transformers' own forward (its GEMMs round by shape: a verify's rows
+    # may differ from decode steps' in the last bit; the native lean runner's never do)
     weight_format = None
 
     def __init__(self, model, vocab_limit: int | None = None):

@@ -118,38 +118,59 @@ def test_replica_overhead_smoke(tmp_path):
     assert all(r > 0 for r in ratios.values())
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_forward_profile_smoke(dtype):
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "forward_profile.py"), "--smoke", "--dtype", dtype],
-                         capture_output=True, text=True, timeout=300)
+def test_forward_profile_smoke():
+    """Stage times of the native forward per weight format, and the kernels' rates beside
+    the core's measured peaks."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "forward_profile.py"), "--smoke", "--formats",
+                          "float32,int4"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert [r["tokens"] for r in rows] == [1, 9, 1, 9]  # target and draft
-    for r in rows:
-        assert r["dtype"] == dtype and r["read_bandwidth_gbs"] > 0
-        assert r["forward_python_ms"] > 0 and r["layer_gemms_ms"] > 0 and r["lm_head_ms"] > 0
-        assert r["layer_gemms_gbs"] > 0 and r["attention_ms"] > 0 and r["attention_sdpa_ms"] > 0
-        if r["native_available"]:
-            assert r["forward_native_ms"] > 0
+    forwards = [r for r in rows if "tokens" in r]
+    assert [(r["format"], r["tokens"]) for r in forwards] == [("float32", 1), ("float32", 9), ("int4", 1), ("int4", 9)] * 2
+    for r in forwards:
+        assert r["read_bandwidth_gbs"] > 0 and r["forward_ms"] > 0 and r["weight_gb"] > 0
+        if r["forward_kind"] == "lean-native":
+            stages = r["stages_ms"]
+            assert stages["qkv"] > 0 and stages["head"] > 0 and stages["gate_up_silu"] > 0 and stages["down"] > 0
+            assert (stages["down_prepare"] > 0) == (r["format"] == "int4")  # int8 inputs prepared for int4
+    rates = rows[-1]["kernel_gmacs_per_core"]
+    assert rates["peak_gmacs"]["fma"] > 0 and set(rates) == {"peak_gmacs", "float32", "int4"}
+    assert all(v > 0 for v in rates["float32"].values())
 
 
 def test_real_shapes_benchmark_smoke(tmp_path):
-    """Builds a random model and its sliced draft, times forwards of 1..13 tokens for
-    each engine against the bandwidth floor, and every decode variant; float32: every
-    variant emits the engine's greedy tokens."""
+    """Builds a random model and its sliced draft and measures every weight format: load,
+    forwards of 1..13 tokens against the bandwidth floor, decode, prefill, PARD with the
+    random and the oracle draft, transformers; PARD's output is greedy's in every format."""
     out = tmp_path / "real_shapes"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "real_shapes.py"), "--smoke", "--out", str(out),
-                          "--cache", str(tmp_path / "models")], capture_output=True, text=True, timeout=300)
+                          "--cache", str(tmp_path / "models")], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    result = json.loads(out.with_suffix(".json").read_text())["results"][0]
-    assert result["floor_ms"] > 0 and result["bandwidth_gbs"] > 0
-    assert set(result["forward"]) == {"pace_core", "pace_core, torch GEMM (Python loop)", "transformers"}
-    for by_n in result["forward"].values():
-        assert [int(n) for n in by_n] == [1, 2, 5, 9, 13] and all(v["min_ms"] > 0 for v in by_n.values())
-    decode = result["decode"]
-    oracle = next(v for k, v in decode.items() if "oracle" in k)
-    assert oracle["tokens_per_step"] == 4.0  # 3 right per step + the correction, K = 4
-    for name, row in decode.items():
-        assert row["token_match_vs_pace_core_greedy"] == 1.0, name
-    assert "| pace_core greedy |" in out.with_suffix(".md").read_text()
+    results = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [r["format"] for r in results] == ["float32", "bfloat16", "int8", "int4"]
+    for r in results:
+        assert r["floor_ms"] > 0 and r["bandwidth_gbs"] > 0 and r["load"]["rss_gb"] > 0
+        assert [int(n) for n in r["forward"]] == [1, 2, 5, 9, 13] and all(v["min_ms"] > 0 for v in r["forward"].values())
+        assert r["decode"]["pace_core"] and r["prefill"]["pace_core"][0] > 0 and r["decode"]["llama.cpp"] == []
+        assert r["pard"]["oracle draft"]["tokens_per_step"] == 4.0  # 3 right per step + the correction, K = 4
+        assert all(p["same_tokens_as_greedy"] for p in r["pard"].values()), r["format"]
+    assert results[0]["baselines"]["transformers generate"]["same_tokens_as_pace_core"]
+    assert results[2]["weight_gb"] < results[1]["weight_gb"] < results[0]["weight_gb"]  # int8 < bf16 < f32 bytes
+    md = out.with_suffix(".md").read_text()
+    assert "| int4 (q4_0) |" in md and "| float32 | transformers generate |" in md
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_quality_benchmark_smoke(tmp_path):
+    """benchmarks/quality.py on a tiny random pair: KL, perplexity, agreement per format,
+    and acceptance with quantized drafts."""
+    out = tmp_path / "quality"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert list(result["rows"]) == ["pace_core bfloat16", "pace_core int8", "pace_core int4"]
+    for row in result["rows"].values():
+        assert row["kl_mean"] >= 0 and 0 < row["top1_agreement"] <= 1 and row["ppl"] > 0
+    assert result["rows"]["pace_core bfloat16"]["kl_mean"] < result["rows"]["pace_core int4"]["kl_mean"]
+    assert len(result["acceptance"]) == 9 and all(v >= 1 for v in result["acceptance"].values())

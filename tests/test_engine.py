@@ -2,8 +2,6 @@
 bookkeeping with test doubles, stopping rules, streaming, chat."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -181,7 +179,7 @@ def test_bfloat16_pard_equals_bfloat16_greedy(tiny_pairs):
     few-rows linear and attention compute each row alone), so PARD in bf16 emits exactly
     the engine's own bf16 greedy tokens, for every architecture; also for prompts whose
     first verify passes one forward's 64 rows (60 + 8 tokens) and longer ones (prompts
-    run in chunks of 64 rows, every row computed alone: row_exact_limit is unbounded)."""
+    run in chunks of 64 rows, every row computed alone)."""
     if not native.load():
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
     sampling = SamplingConfig(max_new_tokens=32, ignore_eos=True)
@@ -189,7 +187,7 @@ def test_bfloat16_pard_equals_bfloat16_greedy(tiny_pairs):
         plain = LLMModel(t, dtype="bfloat16", prefix_cache_gb=0)
         pard = LLMModel(t, dtype="bfloat16", prefix_cache_gb=0,
                         pard_config=PardSpecDecodeConfig(model_name_or_path=d, num_speculative_tokens=8))
-        assert plain.target.row_exact_limit == math.inf
+        assert plain.target.native
         long_prompts = [[(31 * i + n) % 400 + 3 for i in range(n)] for n in (57, 60, 64, 100, 200)]
         for prompt in PROMPTS + long_prompts:
             assert pard.generate(prompt, sampling).token_ids == plain.generate(prompt, sampling).token_ids, (arch, prompt)
