@@ -122,7 +122,7 @@ class LeanRunner:
             return False
         layer = copy.deepcopy(model.model.layers[0]).float()
         probe_ids = [1, 2, 3, 4, 5]
-        embed = model.model.embed_tokens.weight[: max(probe_ids) + 1].detach().float().contiguous()
+        embed = _own(model.model.embed_tokens.weight[: max(probe_ids) + 1], torch.float32)
         positions = torch.arange(len(probe_ids))[None]
         cos, sin = self.rotary_emb(embed, positions)
         fmt = native.FORMATS["float32"]
@@ -157,7 +157,7 @@ class LeanRunner:
         if scale.numel():
             tensors[f"{prefix}.scale"] = scale
         if bias is not None:
-            tensors[f"{prefix}.bias"] = bias.detach().float().contiguous()
+            tensors[f"{prefix}.bias"] = _own(bias, torch.float32)
         return tensors, {f"{prefix}.fmt": fmt, f"{prefix}.N": weight.shape[0], f"{prefix}.K": weight.shape[1]}
 
     def _layer_tensors(self, i: int, layer, fmt: int) -> tuple[dict, dict]:
@@ -177,11 +177,11 @@ class LeanRunner:
         add("gate_up", _interleave_runs(gate.weight, up.weight), _interleave_runs(gate.bias, up.bias)
             if gate.bias is not None or up.bias is not None else None)
         add("down", mlp.down_proj.weight, mlp.down_proj.bias)
-        tensors[f"{p}.in_norm"] = layer.input_layernorm.weight.detach().float().contiguous()
-        tensors[f"{p}.post_norm"] = layer.post_attention_layernorm.weight.detach().float().contiguous()
+        tensors[f"{p}.in_norm"] = _own(layer.input_layernorm.weight, torch.float32)
+        tensors[f"{p}.post_norm"] = _own(layer.post_attention_layernorm.weight, torch.float32)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3
-            tensors[f"{p}.q_norm"] = attn.q_norm.weight.detach().float().contiguous()
-            tensors[f"{p}.k_norm"] = attn.k_norm.weight.detach().float().contiguous()
+            tensors[f"{p}.q_norm"] = _own(attn.q_norm.weight, torch.float32)
+            tensors[f"{p}.k_norm"] = _own(attn.k_norm.weight, torch.float32)
         return tensors, ints
 
     def _pack(self, model, release: bool) -> None:
@@ -201,10 +201,10 @@ class LeanRunner:
         t, n = self._packed("head", head.weight, head.bias, head_fmt)
         tensors.update(t)
         ints.update(n)
-        tensors["final_norm"] = model.model.norm.weight.detach().float().contiguous()
+        tensors["final_norm"] = _own(model.model.norm.weight, torch.float32)
         if not tied:  # a tied embedding is read back from the packed output projection
-            embed = model.model.embed_tokens.weight.detach()
-            tensors["embed"] = (embed if embed.dtype in (torch.float32, torch.bfloat16) else embed.float()).contiguous()
+            embed = model.model.embed_tokens.weight
+            tensors["embed"] = _own(embed, embed.dtype if embed.dtype in (torch.float32, torch.bfloat16) else torch.float32)
         _drop(head)
         _drop(model.model.embed_tokens)
         self.weight_format = name
@@ -347,6 +347,13 @@ class LeanRunner:
 _FLOAT32 = torch.empty(0)  # what the rotary embedding reads the dtype (float32) and device from
 
 
+def _own(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy in memory of its own: a tensor kept from the model must not be a view of the
+    checkpoint's memory map (transformers maps safetensors files), or the whole file would
+    stay mapped, and counted as resident, after packing."""
+    return t.detach().to(dtype, copy=True).contiguous()
+
+
 def _cat_bias(linears) -> torch.Tensor | None:
     if all(lin.bias is None for lin in linears):
         return None
@@ -370,10 +377,45 @@ def _interleave_runs(gate: torch.Tensor | None, up: torch.Tensor | None) -> torc
 
 
 def _release(module) -> None:
-    """Drop a module's parameters (their packed copies live on): frees the memory now."""
+    """Drop a module's parameters (their packed copies live on), and the pages of the
+    checkpoint file they were read from: the file stays mapped until the last of them
+    goes, and without this every page read would count as resident until then (loading
+    a 15 GB checkpoint would show 15 GB more than it holds)."""
     for sub in module.modules():
         for name, p in list(sub.named_parameters(recurse=False)):
+            _drop_file_pages(p)
             setattr(sub, name, torch.nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=False))
+
+
+def _drop_file_pages(t: torch.Tensor) -> None:
+    """madvise(MADV_DONTNEED) the whole pages of ``t`` that lie in a mapped .safetensors
+    file (a private, read-only mapping: dropped pages would be read again from the file
+    if touched). Anything else (memory of its own) is left alone."""
+    import ctypes
+
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    if not t.numel() or not any(lo <= start and end <= hi for lo, hi in _file_mappings()):
+        return
+    page = 4096
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi > lo:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of .safetensors files (Linux)."""
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if fields[-1].endswith(".safetensors"):
+            lo, hi = fields[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
 
 
 def masked_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
