@@ -369,7 +369,7 @@ PACE_VNNI_FN void panel_int_avx512(const Linear& L, const Act& a, int64_t m0, fl
       for (int j = 0; j < NP; ++j) is[j][0][m] = is[j][1][m] = c;
     }
     const int32_t* xq = a.quads + g * (kGroup / 4) * a.rows + m0;  // this group's quads, rows side by side
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int64_t s = 0; s < steps; ++s, w += 128) {
       __m512i lo[NP][2], hi[NP][2];
       for (int j = 0; j < NP; ++j) {
@@ -584,27 +584,60 @@ inline void rms_norm_row(const float* x, const float* w, float* y, int64_t n, fl
 }
 
 // An input row in int8 for the int8/int4 kernels, in groups of 64: scale = max|x| / 127,
-// values x * (127 / max|x|) rounded to nearest even, and each group's correction
-// -zero_point * sum. Writes all kp elements (x's padding is 0) as the row's quads:
-// q + (k / 4) * stride bytes... (stride: 4 * the rows side by side).
+// values x * (127 / max|x|) rounded to nearest even (the vector conversion's default
+// rounding), and each group's correction -zero_point * sum. Writes all kp elements (x's
+// padding is 0) as the row's quads: the 4 bytes of k..k+3 at q + (k / 4) * stride.
 template <class V>
 inline void quantize_row(const float* x, int64_t kp, int8_t* q, int64_t stride, float* scale, int32_t* corr,
-                         int32_t zero_point) {
-  constexpr int W = V::kLanes;
+                         int32_t zero_point);
+
+template <>
+PACE_AVX512 void quantize_row<Avx512>(const float* x, int64_t kp, int8_t* q, int64_t stride, float* scale,
+                                      int32_t* corr, int32_t zero_point) {
+  static_assert(kGroup == 64, "four vectors a group");
   for (int64_t g = 0; g < kp / kGroup; ++g) {
     const float* xg = x + g * kGroup;
-    auto amax = V::zero();
-    for (int i = 0; i < kGroup; i += W) amax = V::max(amax, V::abs(V::load(xg + i)));
-    const float m = V::max_of(amax);
-    const float inv = m > 0.0f ? 127.0f / m : 0.0f;
-    alignas(64) float scaled[kGroup];
-    for (int i = 0; i < kGroup; i += W) V::store(scaled + i, V::mul(V::load(xg + i), V::set1(inv)));
+    __m512 v[4];
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < 4; ++i) amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i] = _mm512_loadu_ps(xg + 16 * i)));
+    const float m = _mm512_reduce_max_ps(amax);
+    const __m512 inv = _mm512_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int i = 0; i < 4; ++i) {
+      __m512i iv = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));
+      iv = _mm512_max_epi32(_mm512_min_epi32(iv, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+      sum = _mm512_add_epi32(sum, iv);
+      const __m128i bytes = _mm512_cvtepi32_epi8(iv);  // k = g*64 + 16i .. +15: four quads
+      int8_t* dst = q + ((g * kGroup + 16 * i) / 4) * stride;
+      const int32_t quads[4] = {_mm_extract_epi32(bytes, 0), _mm_extract_epi32(bytes, 1), _mm_extract_epi32(bytes, 2),
+                                _mm_extract_epi32(bytes, 3)};
+      for (int j = 0; j < 4; ++j) std::memcpy(dst + j * stride, &quads[j], 4);
+    }
+    scale[g] = m / 127.0f;
+    corr[g] = -zero_point * _mm512_reduce_add_epi32(sum);
+  }
+}
+
+template <>
+PACE_AVX2 void quantize_row<Avx2>(const float* x, int64_t kp, int8_t* q, int64_t stride, float* scale, int32_t* corr,
+                                  int32_t zero_point) {
+  for (int64_t g = 0; g < kp / kGroup; ++g) {
+    const float* xg = x + g * kGroup;
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < kGroup; i += 8) amax = _mm256_max_ps(amax, Avx2::abs(_mm256_loadu_ps(xg + i)));
+    const float m = Avx2::max_of(amax);
+    const __m256 inv = _mm256_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
+    alignas(32) int32_t iv[kGroup];
+    for (int i = 0; i < kGroup; i += 8) {
+      const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i), inv));
+      _mm256_store_si256((__m256i*)(iv + i),
+                         _mm256_max_epi32(_mm256_min_epi32(v, _mm256_set1_epi32(127)), _mm256_set1_epi32(-127)));
+    }
     int32_t sum = 0;
-    for (int i = 0; i < kGroup; ++i) {  // nearbyint: the current rounding mode, nearest even
-      const int32_t v = std::max(-127, std::min(127, int32_t(std::nearbyint(scaled[i]))));
+    for (int i = 0; i < kGroup; ++i) {
       const int64_t k = g * kGroup + i;
-      q[(k / 4) * stride + k % 4] = int8_t(v);
-      sum += v;
+      q[(k / 4) * stride + k % 4] = int8_t(iv[i]);
+      sum += iv[i];
     }
     scale[g] = m / 127.0f;
     corr[g] = -zero_point * sum;
