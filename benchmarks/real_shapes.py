@@ -136,22 +136,27 @@ def engine_kwargs(fmt: str) -> dict:
 
 
 LOAD_PROBE = """
-import json, resource, sys, time
+import json, sys, time
 import torch
 torch.set_num_threads({threads})
 from pace_core import LLMModel
+before = int(open('/proc/self/statm').read().split()[1]) * 4096
 t = time.perf_counter()
 m = LLMModel({path!r}, num_threads={threads}, prefix_cache_gb=0, **{kwargs!r})
 load = time.perf_counter() - t
 rss = int(open('/proc/self/statm').read().split()[1]) * 4096
-print(json.dumps({{"load_s": load, "rss_gb": rss / 1e9,
-                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+# this address space's high-water mark (getrusage's maxrss would carry the parent's over exec)
+peak_kb = int(next(line for line in open('/proc/self/status') if line.startswith('VmHWM')).split()[1])
+print(json.dumps({{"load_s": load, "rss_gb": rss / 1e9, "model_rss_gb": (rss - before) / 1e9,
+                   "peak_rss_gb": peak_kb * 1024 / 1e9,
                    "weight_gb": m.target.weight_bytes() / 1e9, "forward_kind": m.forward_kind}}))
 """
 
 
 def load_stats(path: Path, fmt: str, threads: int) -> dict:
-    """Load time and memory of the target alone, in a fresh process."""
+    """Load time and memory of the target alone, in a fresh process: resident after
+    loading (the whole process, and its growth over the process before loading: the
+    model's share) and the peak during loading."""
     run = subprocess.run([sys.executable, "-c", LOAD_PROBE.format(path=str(path), kwargs=engine_kwargs(fmt),
                                                                   threads=threads)],
                          capture_output=True, text=True, timeout=3600, cwd=ROOT)
@@ -369,7 +374,7 @@ def markdown(results: list[dict], machine: str) -> str:
         lines += [f"### {shape} ({rows[0]['threads']} threads; draft: {rows[0]['draft']})", "",
                   "| weights (llama.cpp) | GB/forward | floor ms (GB/s) | decode tok/s: pace_core / llama.cpp | "
                   "9-tok forward / 1-tok | prompt tok/s: pace_core / llama.cpp | PARD K=8 oracle tok/s (x greedy) | "
-                  "PARD random draft / llama.cpp speculative tok/s | load s, RSS GB (peak) |",
+                  "PARD random draft / llama.cpp speculative tok/s | load s, resident GB: model / process (peak) |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             ours, theirs = best(r["decode"]["pace_core"]), best(r["decode"]["llama.cpp"])
@@ -385,7 +390,7 @@ def markdown(results: list[dict], machine: str) -> str:
                      f"{pin:.0f} / {pth:.0f} ({pin / pth:.2f}x)" if pth else f"{pin:.0f} / -",
                      f"{oracle:.1f} ({oracle / ours:.2f}x)",
                      f"{r['pard']['random draft']['tokens_per_s']:.1f} / " + (f"{spec['tokens_per_s']:.1f}" if spec else "-"),
-                     f"{load['load_s']:.1f}, {load['rss_gb']:.2f} ({load['peak_rss_gb']:.2f})"]
+                     f"{load['load_s']:.1f}, {load['model_rss_gb']:.2f} / {load['rss_gb']:.2f} ({load['peak_rss_gb']:.2f})"]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Forward ms (min of reps; x the 1-token forward; F = x the floor):", "",
                   "| weights | " + " | ".join(f"{n} tok" for n in FORWARD_TOKENS) + " |",

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import get_args
 
-from .configs import DTYPE_NAMES, MAX_SPECULATIVE_TOKENS, ModelConfig, PardSpecDecodeConfig
+from .configs import DTYPE_NAMES, MAX_SPECULATIVE_TOKENS, ModelConfig, PardSpecDecodeConfig, Quantization
 
 DEMO_TARGET = "models/demo-target"
 DEMO_DRAFT = "models/demo-draft"
@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--dtype", default=ModelConfig.model_fields["dtype"].default, choices=DTYPE_NAMES,
                    help="weights' dtype (default: as stored in the checkpoint)")
+    g.add_argument("--quantization", default=None, choices=get_args(Quantization),
+                   help="the target's linear weights in int8 or int4, quantized at load (default: as stored)")
+    g.add_argument("--draft-quantization", default=None, choices=get_args(Quantization),
+                   help="the draft's linear weights in int8 or int4 (the output stays the target's)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     g.add_argument("--stream", action="store_true", help="print text as it is accepted")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text + stats")
@@ -62,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.draft and args.draft.lower() != "none":
             pard = PardSpecDecodeConfig(model_name_or_path=args.draft, pard_token=args.pard_token,
                                         num_speculative_tokens=args.num_speculative_tokens,
-                                        speculation_schedule=args.speculation_schedule)
+                                        speculation_schedule=args.speculation_schedule,
+                                        quantization=args.draft_quantization)
         given = {k: v for k, v in (("temperature", args.temperature), ("seed", args.seed)) if v is not None}
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
                                   **given)
         t0 = time.perf_counter()
         model = LLMModel(args.target, dtype=args.dtype, pard_config=pard, tokenizer_name_or_path=args.tokenizer,
-                         num_threads=args.threads)
+                         num_threads=args.threads, quantization=args.quantization)
         load_s = time.perf_counter() - t0
         messages = [{"role": "user", "content": prompt}]
         chunks = model.chat(messages, sampling, stream=True) if args.chat else model.stream(prompt, sampling)
@@ -92,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = f"PARD K={k} ({model.speculation_schedule})" if k else "no draft"
     dtype = str(model.dtype).removeprefix("torch.")
     print(f"\n\n--- {len(ids)} tokens in {stats.total_time_s:.3f}s ({stats.tokens_per_s:.1f} tok/s), "
-          f"finish_reason={chunk.finish_reason}, {spec}, dtype={dtype}, forward={model.forward_kind}\n"
+          f"finish_reason={chunk.finish_reason}, {spec}, dtype={dtype}, weights={model.weight_format}, "
+          f"forward={model.forward_kind}\n"
           f"    steps={stats.steps}  mean accepted/step={stats.mean_accepted_length:.2f}  "
           f"ttft={stats.time_to_first_token_s * 1000:.1f}ms  draft={stats.draft_time_s:.3f}s  "
           f"target={stats.target_time_s:.3f}s  load={load_s:.1f}s", file=sys.stderr)

@@ -18,6 +18,7 @@ from .loading import (
     load_causal_lm,
     load_tokenizer,
     read_pard_token,
+    return_freed_memory,
     sampling_defaults,
     stop_token_ids,
 )
@@ -130,6 +131,8 @@ class LLMModel:
             logger.info("no prefix cache: the %s runner cannot copy its KV out and in", cfg.runner)
             self.prefix_cache = None
         self._lock = threading.Lock()
+        del target  # packed: the runners hold their own copies
+        return_freed_memory()
         logger.info("loaded %s%s in %.1fs", cfg.model_name_or_path,
                     f" + PARD draft {cfg.pard_config.model_name_or_path}" if self.draft else "", time.perf_counter() - t0)
 
