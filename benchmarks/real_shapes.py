@@ -306,23 +306,28 @@ def measure(shape: str, fmt: str, a, cache: Path, lc) -> dict:
     if lc is not None:
         gguf_cache = cache / "gguf"
         ggufs = {"target": lc.gguf(target, peer, gguf_cache), "draft": lc.gguf(draft, peer, gguf_cache)}
-    # decode and prefill, this engine and llama.cpp alternating round by round
+    # decode and prefill, this engine and llama.cpp alternating round by round, unless both
+    # models do not fit in memory at once (llama.cpp maps its file): then ours first
+    both_fit = not ggufs or (r["load"]["rss_gb"] + ggufs["target"].stat().st_size / 1e9) < 0.7 * _memory_gb()
+    r["interleaved"] = both_fit
     decode, prefill = {"pace_core": [], "llama.cpp": []}, {"pace_core": [], "llama.cpp": []}
     outputs = None
     k = llm.num_speculative_tokens
+
+    def theirs(rnd):
+        decode["llama.cpp"].append(lc.bench(ggufs["target"], a.threads, n_gen=a.new_tokens, depth=a.prompt_tokens))
+        prefill["llama.cpp"].append(lc.bench(ggufs["target"], a.threads, n_prompt=512, reps=2))
+        log(f"  round {rnd}: llama.cpp decode {decode['llama.cpp'][-1]:.2f} tok/s, prefill {prefill['llama.cpp'][-1]:.0f}")
+
     for rnd in range(a.rounds):
         llm.num_speculative_tokens = 0
         got = ours_decode(llm, prompts, a.new_tokens)
         decode["pace_core"].append(got["tokens_per_s"])
         outputs = got["outputs"]
         prefill["pace_core"].append(ours_prefill(llm))
-        if ggufs:
-            decode["llama.cpp"].append(lc.bench(ggufs["target"], a.threads, n_gen=a.new_tokens, depth=a.prompt_tokens))
-            prefill["llama.cpp"].append(lc.bench(ggufs["target"], a.threads, n_prompt=512, reps=2))
-        log(f"  round {rnd}: decode {decode['pace_core'][-1]:.2f} tok/s"
-            + (f" (llama.cpp {decode['llama.cpp'][-1]:.2f})" if ggufs else "")
-            + f", prefill {prefill['pace_core'][-1]:.0f} tok/s"
-            + (f" (llama.cpp {prefill['llama.cpp'][-1]:.0f})" if ggufs else ""))
+        log(f"  round {rnd}: decode {decode['pace_core'][-1]:.2f} tok/s, prefill {prefill['pace_core'][-1]:.0f} tok/s")
+        if ggufs and both_fit:
+            theirs(rnd)
     llm.num_speculative_tokens = k
     r["decode"], r["prefill"] = decode, prefill
     pard = {}
@@ -331,6 +336,10 @@ def measure(shape: str, fmt: str, a, cache: Path, lc) -> dict:
     for name, row in pard.items():
         row["same_tokens_as_greedy"] = row.pop("outputs") == outputs
         log(f"  PARD K={k}, {name}: {row['tokens_per_s']:.2f} tok/s, {row['tokens_per_step']:.2f} tok/step")
+    if ggufs and not both_fit:
+        del llm
+        for rnd in range(a.rounds):
+            theirs(rnd)
     if ggufs:
         try:
             pard["llama.cpp speculative, same draft"] = lc.speculative(
@@ -346,7 +355,7 @@ def measure(shape: str, fmt: str, a, cache: Path, lc) -> dict:
         log(f"  llama.cpp f32 greedy tokens == this engine's: {r['llamacpp_f32_tokens_equal']}")
     baselines = {}
     if fmt in ("float32", "bfloat16") and shape not in BIG and not a.skip_baselines:
-        del llm
+        llm = None
         baselines["transformers generate"] = hf_decode(target, fmt, prompts, a.baseline_new_tokens)
         workdir = cache / "pace-run"
         workdir.mkdir(exist_ok=True)
@@ -361,6 +370,10 @@ def measure(shape: str, fmt: str, a, cache: Path, lc) -> dict:
             log(f"  {name}: {row['tokens_per_s']:.2f} tok/s")
     r["baselines"] = baselines
     return r
+
+
+def _memory_gb() -> float:
+    return int(next(line for line in open("/proc/meminfo") if line.startswith("MemTotal")).split()[1]) / 1e6
 
 
 def best(values: list[float]) -> float | None:
@@ -383,7 +396,8 @@ def markdown(results: list[dict], machine: str) -> str:
             oracle = r["pard"]["oracle draft"]["tokens_per_s"]
             spec = r["pard"].get("llama.cpp speculative, same draft")
             load = r["load"]
-            cells = [f"{r['format']} ({r['peer_format']})", f"{r['weight_gb']:.2f}",
+            cells = [f"{r['format']} ({r['peer_format']})" + ("" if r.get("interleaved", True) else " [1]"),
+                     f"{r['weight_gb']:.2f}",
                      f"{r['floor_ms']:.1f} ({r['bandwidth_gbs']:.0f})",
                      f"**{ours:.1f}** / {theirs:.1f} ({ours / theirs:.2f}x)" if theirs else f"**{ours:.1f}** / -",
                      f"{fwd[9]['min_ms'] / min(fwd[1]['min_ms'], fwd[2]['min_ms']):.2f}x",
@@ -392,6 +406,9 @@ def markdown(results: list[dict], machine: str) -> str:
                      f"{r['pard']['random draft']['tokens_per_s']:.1f} / " + (f"{spec['tokens_per_s']:.1f}" if spec else "-"),
                      f"{load['load_s']:.1f}, {load['model_rss_gb']:.2f} / {load['rss_gb']:.2f} ({load['peak_rss_gb']:.2f})"]
             lines.append("| " + " | ".join(cells) + " |")
+        if not all(r.get("interleaved", True) for r in rows):
+            lines += ["", "[1] both engines' models did not fit in memory at once: this engine's rounds ran first, "
+                          "then llama.cpp's (not interleaved)."]
         lines += ["", "Forward ms (min of reps; x the 1-token forward; F = x the floor):", "",
                   "| weights | " + " | ".join(f"{n} tok" for n in FORWARD_TOKENS) + " |",
                   "|---|" + "---:|" * len(FORWARD_TOKENS)]

@@ -9,7 +9,7 @@
     lc.speculative(target, draft, ...)        # llama-speculative-simple
 
 GGUF formats: f32, bf16, q8_0 (llama.cpp's converter: convert.py here runs it), q4_0
-(llama-quantize from the f32 file, with its default recipe: the output projection / tied
+(llama-quantize from the f32 or, for a bfloat16 checkpoint, bf16 file, with its default recipe: the output projection / tied
 embedding stays at higher precision, as users get it). Every llama.cpp run is a separate
 process, so its threads never share the cores with this engine's.
 """
@@ -53,8 +53,10 @@ class LlamaCpp:
         if out.is_file() and out.stat().st_mtime >= (model_dir / "config.json").stat().st_mtime:
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "q4_0":
-            source = self.gguf(model_dir, "f32", cache)
+        if fmt == "q4_0":  # from the checkpoint's own precision, as a user would quantize it
+            stored = json.loads((model_dir / "config.json").read_text())
+            stored = stored.get("dtype") or stored.get("torch_dtype") or "float32"
+            source = self.gguf(model_dir, "bf16" if stored == "bfloat16" else "f32", cache)
             self._run([str(self.bin / "llama-quantize"), str(source), str(out), "q4_0"], f"quantizing {out.name}")
         else:
             self._run([sys.executable, str(HERE / "convert.py"), str(self.root), str(model_dir), "--outfile", str(out),
