@@ -225,6 +225,10 @@ class LLMModel:
         if (prompt is None) == (messages is None):
             raise RequestError("give either a prompt or chat messages")
         prompt_ids = self.apply_chat_template(messages) if messages is not None else self.encode(prompt)
+        if not prompt_ids:  # a text the tokenizer drops entirely (e.g. characters its normalizer removes)
+            raise RequestError("the chat template produced no tokens for these messages" if messages is not None else
+                               "the prompt encodes to zero tokens: this model's tokenizer drops every character of it; "
+                               "send text the tokenizer keeps (or token ids)")
         if isinstance(sampling_config, dict):
             sampling_config = SamplingConfig(**sampling_config)
         sampling = (sampling_config or SamplingConfig()).with_defaults(self.sampling_defaults)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import engine_pids, sse_events
+from helpers import DROPPED, dropping_tokenizer, engine_pids, sse_events
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-key"
@@ -65,8 +65,11 @@ def server(tiny_pair, tmp_path_factory):
     common = {"model": {"model_name_or_path": target, "dtype": "float32",
                         "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 3}}}
     handle = serve.run(build_app({**common, "num_replicas": 2, "max_queued_requests": 8}), name="pace", route_prefix="/")
+    # app "one"'s tokenizer drops one character (helpers.DROPPED), so a prompt can encode to no token
+    tokenizer = dropping_tokenizer(target, tmp_path_factory.mktemp("tokenizer"))
     one = {"name": "one", "route_prefix": "/one", "import_path": "deployments.app:build_app",
-           "args": {**common, "num_replicas": 1, "api_key_file": str(key_file), "served_model_name": "one"}}
+           "args": {"model": {**common["model"], "tokenizer_name_or_path": tokenizer}, "num_replicas": 1,
+                    "api_key_file": str(key_file), "served_model_name": "one"}}
     assert deploy_config([one]) == {"one": ("RUNNING", "")}
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     try:
@@ -414,6 +417,31 @@ def test_api_key(server):
     r = c.post("/one/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 200 and r.json()["model"] == "one"
     assert c.post("/v1/completions", json=body).status_code == 200  # the other app has no key
+
+
+def test_a_prompt_of_zero_tokens_is_a_400_on_every_route_and_an_error_in_handle_calls(server):
+    """App "one"'s tokenizer drops DROPPED: a prompt of only that encodes to no token and is
+    refused before any work with a message naming the cause, unary, streamed, in a list
+    of prompts and through handle calls; the server goes on serving."""
+    from ray import serve
+
+    c = server["client"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for body in ({"prompt": DROPPED * 2}, {"prompt": DROPPED, "stream": True}, {"prompt": ["x", DROPPED]}):
+        r = c.post("/one/v1/completions", json={**body, "max_tokens": 4}, headers=headers)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "encodes to zero tokens" in err["message"] and err["type"] == "invalid_request_error", err
+    one = serve.get_app_handle("one")
+    with pytest.raises(Exception, match="encodes to zero tokens"):
+        one.generate.remote(DROPPED).result(timeout_s=60)
+    with pytest.raises(Exception, match="encodes to zero tokens"):
+        list(one.options(stream=True).generate_stream.remote(DROPPED))
+    r = c.post("/one/v1/chat/completions", json={"messages": [{"role": "user", "content": DROPPED}], "max_tokens": 2},
+               headers=headers)
+    assert r.status_code == 200  # the chat template's own tokens remain
+    assert c.post("/one/v1/completions", json={"prompt": "x" + DROPPED, "max_tokens": 2},
+                  headers=headers).status_code == 200
 
 
 def test_api_key_never_reaches_logs_or_app_details(server):
