@@ -169,6 +169,26 @@ def _session(session_id) -> dict:
     return {"session_id": str(session_id)} if session_id else {}
 
 
+def _log_timing(request_id: str, prompt_tokens: int, stats, router_s: float, sent_at: float, ttft_s: float) -> None:
+    """One log line per finished generation: where the time to its first token went, in
+    ms. ``router``: here before the call to a replica (checks, admission); ``to_engine``:
+    from that call to the engine beginning the request (waiting for a replica, the hops
+    there; wall clocks of two processes); then the engine's ``prepare`` (tokenizing or
+    templating), ``kv_load`` (reusing the cached prefix's KV), ``first_step`` (the
+    prefill of the uncached tokens with the first proposals) and ``engine_other``; and
+    ``back``, the first tokens' way back here. benchmarks/multi_turn.py reads these."""
+    engine_ttft = stats.time_to_first_token_s
+    to_engine = stats.started_at - sent_at
+    ms = {"ttft": ttft_s, "router": router_s, "to_engine": to_engine, "prepare": stats.prepare_s,
+          "kv_load": stats.prefix_cache_load_s, "first_step": stats.first_step_s,
+          "engine_other": engine_ttft - stats.prefix_cache_load_s - stats.first_step_s,
+          "back": ttft_s - router_s - to_engine - stats.prepare_s - engine_ttft}
+    fields = {k: round(1000 * v, 2) for k, v in ms.items()}
+    fields.update(request_id=request_id, prompt_tokens=prompt_tokens, cached_tokens=stats.num_cached_tokens,
+                  arrived_at=round(sent_at - router_s, 4))  # wall clock: the HTTP proxy's part, in and out
+    logger.info("timing %s", json.dumps(fields))
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -305,10 +325,11 @@ class Router:
         once. The first failure (a user error in one of them, a server fault) and a
         cancellation (the client went away) cancel the others at once: their replicas
         stop after the current decode step."""
+        arrived = time.perf_counter()
         requests = [self._checked(r) for r in requests]
         deadline = self._deadline()
         await self._admit(len(requests))
-        tasks = [asyncio.ensure_future(self._generate_one(r)) for r in requests]
+        tasks = [asyncio.ensure_future(self._generate_one(r, arrived)) for r in requests]
         try:
             async with asyncio.timeout_at(deadline) as timeout:
                 return await asyncio.gather(*tasks)
@@ -322,10 +343,12 @@ class Router:
             await asyncio.gather(*tasks, return_exceptions=True)
             self._untrack(len(requests))
 
-    async def _generate_one(self, request: dict) -> StreamChunk:
+    async def _generate_one(self, request: dict, arrived: float) -> StreamChunk:
         t0 = time.perf_counter()
+        sent_at = []
 
         async def start():
+            sent_at.append(time.time())
             response = self.replica.generate.remote(request)
             try:
                 return await response
@@ -340,18 +363,22 @@ class Router:
         ttft = e2e - (out.stats.total_time_s - out.stats.time_to_first_token_s)
         self.metrics.generation_done(out.num_prompt_tokens, len(out.token_ids), out.stats, ttft, e2e,
                                      out.num_cached_tokens)
+        _log_timing(request["request_id"], out.num_prompt_tokens, out.stats, t0 - arrived, sent_at[-1], ttft)
         return out
 
     async def _open_stream(self, request: dict):
         """Start a streaming generation; returns (first chunk, generator, t0, deadline).
         User errors surface here, before any response header is sent, as a proper 400
         (the deadline, as a 504)."""
+        arrived = time.perf_counter()
         request = self._checked(request)
         deadline = self._deadline()
         await self._admit()
         t0 = time.perf_counter()
+        sent_at = []
 
         async def start():
+            sent_at.append(time.time())
             gen = self.replica.options(stream=True).stream.remote(request)
             try:
                 return await gen.__anext__(), gen
@@ -370,9 +397,10 @@ class Router:
         if isinstance(first, dict):  # a user error
             self._untrack()
             raise APIError(400, first["error"])
-        return first, gen, t0, deadline
+        timing = (request["request_id"], t0 - arrived, sent_at[-1])
+        return first, gen, t0, deadline, timing
 
-    async def _chunks(self, first, gen, t0, deadline):
+    async def _chunks(self, first, gen, t0, deadline, timing):
         """All chunks of an open stream; records metrics; on early exit (client gone,
         deadline passed: APIError 504) cancels the replica's generation, which stops
         within one decode step."""
@@ -402,6 +430,8 @@ class Router:
             self._untrack()
             self.metrics.generation_done(first.num_prompt_tokens, n_tokens, last.stats if last.finish_reason else None,
                                          ttft, time.perf_counter() - t0, first.num_cached_tokens)
+            if last.finish_reason:
+                _log_timing(timing[0], first.num_prompt_tokens, last.stats, timing[1], timing[2], ttft)
 
     # ------------------------------------------------------------------ HTTP
     @app.get("/health")
@@ -484,12 +514,12 @@ class Router:
 
     async def _stream_response(self, kind: str, rid: str, request: dict, body) -> StreamingResponse:
         """Open the generation (user errors raise here, as a 400) and stream it as SSE."""
-        first, gen, t0, deadline = await self._open_stream(request)
+        first, gen, t0, deadline, timing = await self._open_stream(request)
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(self._sse_events(kind, rid, first, gen, t0, deadline, usage),
+        return StreamingResponse(self._sse_events(kind, rid, first, gen, t0, deadline, timing, usage),
                                  media_type="text/event-stream")
 
-    async def _sse_events(self, kind: str, rid: str, first, gen, t0, deadline, include_usage: bool):
+    async def _sse_events(self, kind: str, rid: str, first, gen, t0, deadline, timing, include_usage: bool):
         """OpenAI's chunk format for ``kind`` "completion" or "chat": text chunks, a final
         chunk with the finish reason, optionally a usage chunk, then [DONE]. A server
         fault or the deadline after the first chunk ends the stream with an error event
@@ -509,7 +539,7 @@ class Router:
         if chat:
             yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
         try:
-            async for chunk in self._chunks(first, gen, t0, deadline):
+            async for chunk in self._chunks(first, gen, t0, deadline, timing):
                 n += len(chunk.token_ids)
                 finish = chunk.finish_reason
                 if chunk.text or chunk.logprobs:
@@ -587,11 +617,11 @@ class Router:
         try:
             if "messages" in request:
                 request = {**request, "messages": self._messages(request["messages"])}
-            first, gen, t0, deadline = await self._open_stream(request)
+            first, gen, t0, deadline, timing = await self._open_stream(request)
         except APIError as err:
             raise _handle_error(err) from None
         try:
-            async for chunk in self._chunks(first, gen, t0, deadline):
+            async for chunk in self._chunks(first, gen, t0, deadline, timing):
                 yield chunk.to_dict()
         except APIError as err:
             raise _handle_error(err) from None

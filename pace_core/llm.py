@@ -43,6 +43,8 @@ class PreparedRequest:
 
     prompt_ids: list[int]
     sampling: SamplingConfig  # the settings it runs with: the model's defaults filled in
+    started_at: float = 0.0  # wall-clock time at which prepare began
+    prepare_s: float = 0.0  # how long prepare took (tokenizing or templating, checks)
 
 
 class LLMModel:
@@ -222,6 +224,7 @@ class LLMModel:
         sampling fields: pydantic's ValidationError, also a ValueError).
         ``fit_context``: lower ``max_new_tokens`` to the room the context leaves (a server's
         default length, as vLLM does) instead of refusing the request."""
+        started_at, t0 = time.time(), time.perf_counter()
         if (prompt is None) == (messages is None):
             raise RequestError("give either a prompt or chat messages")
         prompt_ids = self.apply_chat_template(messages) if messages is not None else self.encode(prompt)
@@ -245,7 +248,7 @@ class LLMModel:
         bad = [t for t in (sampling.logit_bias or {}) if t >= vocab]
         if bad:
             raise RequestError(f"logit_bias token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-        return PreparedRequest(prompt_ids, sampling)
+        return PreparedRequest(prompt_ids, sampling, started_at, time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- generation
     def run(self, request: PreparedRequest) -> Iterator[StreamChunk]:
@@ -256,19 +259,21 @@ class LLMModel:
             raise RuntimeError("this LLMModel is already generating (one generation at a time: it has one KV cache); "
                                "finish or close the open stream first, or use one LLMModel per thread")
         try:
-            yield from self._decode(request.prompt_ids, request.sampling)
+            yield from self._decode(request)
         finally:
             self._lock.release()
 
-    def _decode(self, prompt_ids: list[int], sampling: SamplingConfig) -> Iterator[StreamChunk]:
+    def _decode(self, request: PreparedRequest) -> Iterator[StreamChunk]:
+        prompt_ids, sampling = request.prompt_ids, request.sampling
         stop_ids = (set() if sampling.ignore_eos else self.stop_token_ids) | set(sampling.stop_token_ids or ())
         out = OutputBuilder(self.tokenizer, sampling.max_new_tokens, stop_token_ids=stop_ids, stop_strings=sampling.stop,
                             skip_special_tokens=sampling.skip_special_tokens, want_text=sampling.return_text)
-        stats = GenerationStats()
+        stats = GenerationStats(started_at=request.started_at, prepare_s=request.prepare_s)
         t0 = time.perf_counter()
         sampler = Sampler(sampling, prompt_ids, self.target.vocab_limit, stop_ids)
+        t_load = time.perf_counter()
         cached = self.prefix_cache.load(prompt_ids, self._runners) if self.prefix_cache else 0
-        stats.num_cached_tokens = cached
+        stats.num_cached_tokens, stats.prefix_cache_load_s = cached, time.perf_counter() - t_load
         steps = decode(self.target, prompt_ids, sampling.max_new_tokens, self.draft, self.num_speculative_tokens,
                        self.pard_token, sampler, adaptive=self.speculation_schedule == "adaptive", cached=cached)
         sequence = list(prompt_ids)  # every token the runners have been given, in order
@@ -287,6 +292,7 @@ class LLMModel:
                 stats.step_end_s.append(stats.total_time_s)
                 if stats.steps == 1:
                     stats.time_to_first_token_s = stats.total_time_s
+                    stats.first_step_s = step.draft_s + step.target_s
                 if chunk.token_ids or chunk.text or chunk.finish_reason:
                     chunk.stats, chunk.num_prompt_tokens = stats, len(prompt_ids)
                     if step.logprobs is not None:  # the tokens the output kept are a prefix of the step's

@@ -14,9 +14,16 @@ class GenerationStats:
     step_end_s: list[float] = field(default_factory=list)  # when each step's tokens were out, since the start
     draft_time_s: float = 0.0
     target_time_s: float = 0.0
-    time_to_first_token_s: float = 0.0
+    time_to_first_token_s: float = 0.0  # from the start of the generation (prepare apart) to its first tokens
     total_time_s: float = 0.0
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not prefilled)
+    # where the first token's time goes: checking, tokenizing or templating the request
+    # (LLMModel.prepare), reusing the cached KV of the prompt's prefix, and the first
+    # step's forwards (the prefill of the uncached prompt tokens with the first proposals)
+    prepare_s: float = 0.0
+    prefix_cache_load_s: float = 0.0
+    first_step_s: float = 0.0
+    started_at: float = 0.0  # wall-clock time (time.time()) at which prepare began: where a served request's time went
 
     @property
     def num_tokens(self) -> int:
