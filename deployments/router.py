@@ -2,6 +2,7 @@
 handle methods. It validates, admits (bounded queue), forwards to a free replica and
 formats; it does no model math."""
 import asyncio
+import contextvars
 import hmac
 import json
 import logging
@@ -329,7 +330,12 @@ class Router:
         requests = [self._checked(r) for r in requests]
         deadline = self._deadline()
         await self._admit(len(requests))
-        tasks = [asyncio.ensure_future(self._generate_one(r, arrived)) for r in requests]
+        # each prompt's call from a context of its own: calls made in one request's context
+        # share its internal request id, by which Serve's request routers give a replica to
+        # the request it was chosen for (with one id for two waiting calls, one of them never gets one)
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._generate_one(r, arrived), context=contextvars.Context() if len(requests) > 1
+                                  else None) for r in requests]
         try:
             async with asyncio.timeout_at(deadline) as timeout:
                 return await asyncio.gather(*tasks)
@@ -413,6 +419,8 @@ class Router:
                 last = chunk
                 yield chunk
                 if chunk.finish_reason:
+                    async for _ in gen:  # its end: the replica is free (as the request router counts) from here
+                        pass
                     break
                 try:
                     async with asyncio.timeout_at(deadline) as timeout:
