@@ -34,8 +34,10 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where KV is copied: the serving router imports BLOCK_TOKENS only
+    import torch
 
 BLOCK_TOKENS = 32  # tokens per cached block: a prompt reuses whole blocks only
 AUTO_MAX_BYTES = 4 << 30
@@ -148,6 +150,8 @@ class PrefixCache:
                 runner.drop_last(runner.seq_len - kept)
             cached = kept
         elif path:
+            import torch
+
             for i, runner in enumerate(runners):
                 runner.write_kv(torch.cat([block.kv[i] for block in path], dim=3))
             cached = len(path) * BLOCK_TOKENS
