@@ -431,7 +431,7 @@ def engine_reference(app_args: dict, convs: list[dict], max_tokens: int) -> dict
     from concurrent.futures import ThreadPoolExecutor
 
     from deployments.args import AppArgs
-    from pace_core import LLMModel, SamplingConfig
+    from pace_core import Final, LLMModel, SamplingConfig
 
     model = AppArgs.model_validate(app_args).model  # the replicas' engine config
 
@@ -440,14 +440,16 @@ def engine_reference(app_args: dict, convs: list[dict], max_tokens: int) -> dict
     pool = ThreadPoolExecutor(1, initializer=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
 
     def ttft(llm, messages, sampling):
-        t0, first, text, last = time.perf_counter(), None, [], None
-        for chunk in llm.chat(messages, sampling, stream=True):
-            if chunk.text and first is None:
+        t0, first, text, final = time.perf_counter(), None, [], None
+        for event in llm.chat(messages, sampling, stream=True):
+            if isinstance(event, Final):
+                final = event
+                continue
+            if event.text and first is None:
                 first = time.perf_counter() - t0
-            text.append(chunk.text)
-            last = chunk
+            text.append(event.text)
         e2e = time.perf_counter() - t0
-        return (first if first is not None else e2e), e2e, "".join(text), last.stats
+        return (first if first is not None else e2e), e2e, "".join(text), final.stats
 
     def run(cache_gb) -> tuple[list[dict], list[float]]:
         llm = LLMModel.from_config(model.model_copy(update={"prefix_cache_gb": cache_gb}), threads)

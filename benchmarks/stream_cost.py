@@ -61,16 +61,19 @@ def per_token_ms(arrivals: list[float], window: int) -> tuple[float, float]:
 
 
 def sizes_summary(sizes: list[int]) -> dict:
-    """Bytes per chunk: over the first and the last tenth of the answer's chunks."""
-    tenth = max(1, len(sizes) // 10)
-    return {"chunks": len(sizes), "bytes_first_tenth_mean": statistics.mean(sizes[:tenth]),
-            "bytes_last_tenth_mean": statistics.mean(sizes[-tenth:]), "bytes_max": max(sizes),
-            "bytes_total": sum(sizes)}
+    """Bytes per chunk, ``sizes`` ending with the request's end (its Final): the chunks
+    before it over the first and the last tenth of the answer, and the end's own."""
+    chunks = sizes[:-1]
+    tenth = max(1, len(chunks) // 10)
+    return {"chunks": len(chunks), "bytes_first_tenth_mean": statistics.mean(chunks[:tenth]),
+            "bytes_last_tenth_mean": statistics.mean(chunks[-tenth:]), "bytes_max": max(chunks),
+            "bytes_end": sizes[-1], "bytes_total": sum(sizes)}
 
 
 def engine_message_sizes(model: dict, request: dict) -> list[int]:
-    """Pickled size of each message the engine process sends for ``request``, but the last (its end)."""
+    """Pickled size of each message the engine process sends for ``request``, its end included."""
     from deployments.engine_process import EngineProcess
+    from pace_core.outputs import Delta
 
     engine = EngineProcess(model, None)
     try:
@@ -79,10 +82,8 @@ def engine_message_sizes(model: dict, request: dict) -> list[int]:
         while True:
             message = engine.recv()
             sizes.append(len(pickle.dumps(message)))
-            kind = message[0]
-            if kind not in ("chunk", "delta"):
-                break
-        return sizes[:-1] if kind == "end" else sizes
+            if not isinstance(message, Delta):
+                return sizes
     finally:
         engine.close()
 
@@ -205,15 +206,16 @@ def main(argv=None) -> int:
               "http_ratio_over_in_process_ratio": http["last_over_first_median"] / local["last_over_first_median"]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))  # (before the typed stream: see results/stream_cost_before)
     e, rr = result["engine_to_replica"], result["replica_to_router"]
     lines = [f"A {args.max_tokens}-token greedy answer, {args.rounds} round(s); CPU: {result['cpu']['model_name']} "
              f"({result['cpu']['isa']}, {result['cpu']['cpus']} CPUs). `{result['command']}`", "",
-             "| hop | chunks | bytes per chunk, first tenth | last tenth | max |", "|---|---:|---:|---:|---:|",
+             "| hop | chunks | bytes per chunk, first tenth | last tenth | max | the end (Final) |",
+             "|---|---:|---:|---:|---:|---:|",
              f"| engine -> replica | {e['chunks']} | {e['bytes_first_tenth_mean']:.0f} | "
-             f"{e['bytes_last_tenth_mean']:.0f} | {e['bytes_max']} |",
+             f"{e['bytes_last_tenth_mean']:.0f} | {e['bytes_max']} | {e['bytes_end']} |",
              f"| replica -> router | {rr['chunks']} | {rr['bytes_first_tenth_mean']:.0f} | "
-             f"{rr['bytes_last_tenth_mean']:.0f} | {rr['bytes_max']} |", "",
+             f"{rr['bytes_last_tenth_mean']:.0f} | {rr['bytes_max']} | {rr['bytes_end']} |", "",
              f"| per-token ms (median of rounds) | first {window} tokens | last {window} | last / first |",
              "|---|---:|---:|---:|",
              f"| HTTP | {http['first_ms_median']:.2f} | {http['last_ms_median']:.2f} | "

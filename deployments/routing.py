@@ -51,6 +51,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from pace_core.prefix_cache import BLOCK_TOKENS
 
 BLOCK_CHARS = 64  # characters per block of a text or chat prompt (~16 tokens)
+MAX_KEYS = 100_000  # the routing table's size: keys of the requests routed lately
 
 
 class Keys(NamedTuple):
@@ -107,8 +108,8 @@ class AffinityPolicy:
     """Which replicas to offer a request, from the keys of the requests routed before and
     when each replica was last sent one. Replicas are any hashable ids."""
 
-    def __init__(self, affinity_wait_s: float = 0.5, max_keys: int = 100_000):
-        self.affinity_wait_s = affinity_wait_s
+    def __init__(self, affinity_wait_s: float, max_keys: int = MAX_KEYS):
+        self.affinity_wait_s = affinity_wait_s  # the app argument's (deployments.args.AppArgs)
         self.max_keys = max_keys
         self._table: OrderedDict = OrderedDict()  # key -> replica, least recently used first
         self._last_sent: dict[Hashable, float] = {}  # replica -> when it was last sent a request
@@ -205,7 +206,7 @@ class CacheAwareRouter(RequestRouter):
 
     BLIND_WAIT_S = 0.1
 
-    def initialize_state(self, affinity_wait_s: float = 0.5, max_keys: int = 100_000):
+    def initialize_state(self, affinity_wait_s: float, max_keys: int = MAX_KEYS):
         self.policy = AffinityPolicy(affinity_wait_s, max_keys)
         self.running: Counter = Counter()  # replica id -> requests this router sent there, not yet completed
         self._completion: asyncio.Future | None = None  # resolved at the next completion this router sees

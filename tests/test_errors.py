@@ -35,7 +35,10 @@ def test_pard_token_accepts_int_or_0d_tensor():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
-    ({"temperature": -1}, "temperature must be >= 0"),
+    ({"temperature": -1}, r"temperature must be in \[0, 2\]"),
+    ({"temperature": 2.5}, r"temperature must be in \[0, 2\]"),
+    ({"stop": list("abcde")}, "at most 4 stop strings"),
+    ({"seed": 2 ** 64}, "seed must be in"),
     ({"top_p": 0}, "top_p must be in"),
     ({"stop": [""]}, "stop strings must not be empty"),
     ({"stop": 3}, "stop must be a string or a list"),

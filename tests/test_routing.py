@@ -66,7 +66,7 @@ def test_a_conversations_next_turn_prefers_the_replica_of_its_previous_turn():
 
 
 def test_the_session_key_wins_over_the_prefix():
-    p = AffinityPolicy()
+    p = AffinityPolicy(affinity_wait_s=0.5)
     prompt = {"prompt": LONG * 3}
     p.record(request_keys(prompt), "A")
     p.record(request_keys({"prompt": "hi", "session_id": "u1"}), "B")
@@ -125,7 +125,7 @@ def test_a_conversation_doubled_up_on_a_busy_replica_moves_to_one_idle_since():
 
 
 def test_the_table_is_lru_bounded():
-    p = AffinityPolicy(max_keys=10)
+    p = AffinityPolicy(affinity_wait_s=0.5, max_keys=10)
     old, new = request_keys({"prompt": LONG * 5}), request_keys({"prompt": "other " * 100})
     assert len(old.blocks) == 6 and len(new.blocks) == 9
     p.record(old, "A")
@@ -138,7 +138,7 @@ def test_the_table_is_lru_bounded():
 
 
 def test_a_replica_that_left_is_forgotten():
-    p = AffinityPolicy()
+    p = AffinityPolicy(affinity_wait_s=0.5)
     keys = request_keys({"prompt": LONG * 2, "session_id": "s"})
     p.record(keys, "A")
     p.record(request_keys({"prompt": "other " * 40}), "B")
@@ -348,7 +348,7 @@ def test_turns_stay_on_their_replica_wait_for_it_and_leave_a_doubled_up_one(two_
     pids = {}
     for turn in range(3):
         for c, (convo, sid) in enumerate(convos):
-            pid = chat(convo[turn], sid)["engine_pid"]
+            pid = chat(convo[turn], sid)["engine"]["engine_pid"]
             if turn:
                 assert pid == pids[c], (c, turn)
             pids[c] = pid
@@ -362,11 +362,11 @@ def test_turns_stay_on_their_replica_wait_for_it_and_leave_a_doubled_up_one(two_
             thread, out = in_background(lambda: chat(nxt, sid))
             wait_for(lambda: in_flight(url) == 2, 30, "the next turn at the router")
             fresh = chat([{"role": "user", "content": f"unrelated {c}"}], f"fresh-{c}")
-            assert fresh["engine_pid"] != pids[c] and thread.is_alive() and not out  # the free replica was not taken
+            assert fresh["engine"]["engine_pid"] != pids[c] and thread.is_alive() and not out  # the free replica was not taken
         finally:
-            assert stop() and not chunks[-1]["finish_reason"]  # the long one was still running
+            assert stop() and chunks[-1]["type"] == "delta"  # the long one was still running
         thread.join(60)
-        assert out[0]["engine_pid"] == pids[c]
+        assert out[0]["engine"]["engine_pid"] == pids[c]
 
     # (c) conversation 1's replica runs a request sharing only its first message (another
     # conversation); the other replica has been sent nothing since: its next turn moves there
@@ -377,7 +377,7 @@ def test_turns_stay_on_their_replica_wait_for_it_and_leave_a_doubled_up_one(two_
         moved = chat(convo[2] + [{"role": "assistant", "content": "ok"}])
     finally:
         assert stop()
-    assert moved["engine_pid"] != pids[1]
+    assert moved["engine"]["engine_pid"] != pids[1]
 
 
 def test_http_session_keys_reach_the_routing(two_replicas):
