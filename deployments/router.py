@@ -311,7 +311,9 @@ class Router:
         self.api_key = self.args.resolved_api_key()
         self.metrics = Metrics(self.model_name)
         self.metrics.running_capacity = 0  # until Serve is asked (Router._admit)
-        self.routers = 1  # the app's running router replicas, as Serve last counted them
+        # the app's running router replicas, as Serve last counted them (until then, as many
+        # as configured: each admits its share, never more)
+        self.routers = self.args.router_replicas
         self._capacity_checked_at = -CAPACITY_TTL_S  # monotonic time of the last running-replica count
         self._capacity_check: asyncio.Future | None = None
         self.replicas_seen: dict[int, dict] = {}  # replica pid -> its engine's facts, from its latest Final here
