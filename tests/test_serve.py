@@ -57,7 +57,11 @@ def server(tiny_pair, tmp_path_factory):
 
     from deployments.app import build_app
 
+    from pace_core.numa import NODE_ENV
+
     os.environ["PACE_PIN"] = "0"  # the pinning tests live in test_cluster_serve_pinning.py
+    saved = {k: os.environ.get(k) for k in NODE_ENV}
+    os.environ.update(NODE_ENV)  # as the README's serve command starts Ray: Serve's proxy loads deployments.proxy
     target, draft = tiny_pair
     key_file = tmp_path_factory.mktemp("secrets") / "api_key"
     key_file.write_text(API_KEY + "\n")
@@ -81,6 +85,11 @@ def server(tiny_pair, tmp_path_factory):
         serve.shutdown()
         ray.shutdown()
         os.environ.pop("PACE_PIN", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -799,7 +808,7 @@ def test_serve_run_serve_config_yaml():
     import tempfile
 
     # pinning on, with a private lock directory so that no other server on this host interferes
-    # the README's command: RAY_SERVE_PROXY_USE_GRPC=1 serve run serve_config.yaml
+    # the README's command: NODE_ENV (RAY_SERVE_PROXY_USE_GRPC=1 ...) serve run serve_config.yaml
     from pace_core.numa import NODE_ENV
 
     # a Ray of its own under a private temp dir: cleanup stops that Ray and no other
@@ -1080,6 +1089,38 @@ def test_hostile_http_input_gets_4xx_or_200_and_no_engine_dies(server):
     assert engine_pids() == pids
     r = c.post("/v1/completions", json={"prompt": "def f():", "max_tokens": 8})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+
+
+def _raw_request(port: int, headers: bytes, body: bytes = b'{"prompt": "x", "max_tokens": 2}') -> tuple[int, bytes]:
+    """A request written byte for byte (httpx refuses to send control characters): (status, body)."""
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + headers
+               + b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), rest
+
+
+def test_what_serves_proxy_refuses_is_answered_in_openai_shape(server):
+    """Requests refused before the app (deployments.proxy): a garbage Authorization
+    header (control characters: the HTTP parser refuses it) on the app without an API
+    key and on the one with a key, and headers Serve's proxy decodes that are not UTF-8:
+    400s in OpenAI's error shape naming the fix or the header; the server goes on serving."""
+    port = server["port"]
+    cases = [(b"Authorization: Bearer sk\x00garbage\r\n", "Authorization: Bearer <key>"),
+             (b"Authorization: \x01\x7f\r\n", "not valid HTTP/1.1"),
+             (b"X-Session-ID: \xff\xfe\r\n", "x-session-id header is not valid UTF-8"),
+             (b"X-Request-ID: \xc3\r\n", "x-request-id header is not valid UTF-8")]
+    for headers, needle in cases:
+        status, body = _raw_request(port, headers)
+        assert status == 400, (headers, body)
+        err = json.loads(body)["error"]
+        assert set(err) == {"message", "type", "param", "code"} and needle.lower() in err["message"].lower(), err
+    status, body = _raw_request(port, b"Authorization: Bearer anything\r\n")  # the app without a key serves it
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 2
 
 
 def test_hostile_handle_calls_raise_clear_errors_and_no_engine_dies(server):
