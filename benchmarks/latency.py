@@ -91,16 +91,18 @@ def run_hf(model, prompt_ids, n, assistant=None, tokenizer=None) -> tuple[list[i
 
 
 def run_engine(llm, k, prompt_ids, n, schedule="fixed", temperature=0.0) -> tuple[list[int], dict]:
-    from pace_core import SamplingConfig
+    from pace_core import Final, SamplingConfig
 
     llm.num_speculative_tokens, llm.speculation_schedule = k, schedule
     sampled = {"temperature": temperature, "seed": len(prompt_ids)} if temperature else {}
     t0 = time.perf_counter()
     chunks, ids, stats = [], [], None
-    for c in llm.stream(prompt_ids, SamplingConfig(max_new_tokens=n, return_text=False, **sampled)):
-        chunks.append((time.perf_counter() - t0, len(c.token_ids)))
-        ids += c.token_ids
-        stats = c.stats
+    for event in llm.stream(prompt_ids, SamplingConfig(max_new_tokens=n, return_text=False, **sampled)):
+        if isinstance(event, Final):
+            stats = event.stats
+            continue
+        chunks.append((time.perf_counter() - t0, len(event.token_ids)))
+        ids += event.token_ids
     dt = time.perf_counter() - t0
     return ids, latency_record(chunks, dt, len(ids), stats.mean_accepted_length)
 

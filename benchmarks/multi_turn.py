@@ -1,31 +1,40 @@
-"""Multi-turn serving benchmark (issue #15): conversations whose every turn resends the
-whole history plus a little new user text, so a replica that served the previous turn
-holds most of the prompt in its engine's prefix KV cache. Launches the app (`serve
-run`, N replicas) once per configuration:
+"""Multi-turn serving benchmark (issues 15, 24): conversations whose every turn resends
+the whole history plus new user text, so a replica that served the previous turn holds
+most of the prompt in its engine's prefix KV cache. Launches the app (`serve run`, N
+replicas) once per configuration:
 
     a  no prefix cache, Serve's default routing   (model.prefix_cache_gb: 0, routing: power_of_two)
     b  prefix cache, Serve's default routing      (routing: power_of_two)
-    c  prefix cache, cache-aware routing          (routing: cache_aware)
+    c  prefix cache, cache-aware routing          (routing: cache_aware; the defaults)
 
 and runs the same conversations against each: streaming /v1/chat/completions, greedy,
 each conversation's id as the OpenAI ``user`` field and the X-Session-ID header; C
 workers each run their conversations one turn after another (a turn starts when the
 previous answer is complete). Turn 1 sends ``--first-tokens`` tokens of a held-out
 Python standard-library file (the demo pair never trained on it); every later turn
-appends the assistant's answer and the file's next ``--turn-tokens`` tokens.
+appends the assistant's answer and the file's next ``--turn-tokens`` tokens. Two
+workloads set those (WORKLOADS): ``short-turns`` (8 conversations x 6 turns, ~100 new
+tokens a turn) and ``long-turns`` (issue 24's: 4 conversations x 5 turns, ~230 new
+tokens a turn, 48-token answers); both have more conversations than replicas.
 
 Per configuration: TTFT p50/p90 of turn 1 and of turns 2+, end-to-end latency, the
 prefix-cache hit rate over turns 2+ (cached / prompt tokens, from each response's
 usage.prompt_tokens_details.cached_tokens; and the share of requests with any cached
 token, or with the previous turn's prompt cached, all its whole blocks: landed where
 the history is), the server's own /metrics counters over the measured requests, where
-each turn ran and how long it waited for its replica (serve run's log, by request id);
-the TTFT p50 ratios of turns 2+, a/c and a/b; and, for reference, the first conversations
-on the engine alone, in-process, without and with the cache (what prefill costs there).
+each turn ran and how long it waited for its replica (serve run's log, by request id),
+where each turn's time to first token went (the router's timing line: the HTTP proxy,
+the router, the way to the engine, the engine's prepare, KV reuse and first step, the
+way back), and the TTFT of 1-token answers (the HTTP overhead); the TTFT p50 ratios of
+turns 2+, a/c and a/b; and the same conversations on the engine alone, in-process,
+without and with the cache, whose first steps are the prefill of the uncached tokens:
+issue 24's target for (c), TTFT p50 of turns 2+ <= 1.5 x (that prefill + the HTTP
+overhead) and >= 3x lower than (a), is checked at the end of the table.
 
-    python benchmarks/multi_turn.py                     # demo pair, 8 conversations x 6 turns, a,b,c
-    python benchmarks/multi_turn.py --configs a,b       # without cache-aware routing
-    python benchmarks/multi_turn.py --smoke             # tiny models, 2 x 3 turns, a temp dir (CI)
+    python benchmarks/multi_turn.py                          # short-turns, a,b,c -> results/multi_turn
+    python benchmarks/multi_turn.py --workload long-turns    # -> results/multi_turn_long_turns
+    python benchmarks/multi_turn.py --configs a,c            # without (b)
+    python benchmarks/multi_turn.py --smoke                  # tiny models, 2 x 3 turns, a temp dir (CI)
 
 Each launch runs its own Ray under a private RAY_TMPDIR (and a private slot-lock
 directory unless PACE_SLOT_DIR is set) and stops only that Ray. Traffic goes to
@@ -51,11 +60,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from latency import fmt, pct, pyplot, save_table  # noqa: E402
 from serving import check_loopback, launch, stop, wait_ready  # noqa: E402
 
+WORKLOADS = {  # conversations of turns; each later turn: the previous answer + turn_tokens of new text
+    # the committed default (issue 15): 8 conversations of 6 turns, ~100 new tokens a turn
+    "short-turns": {"conversations": 8, "turns": 6, "first_tokens": 560, "turn_tokens": 100, "max_tokens": 64},
+    # issue 24's: fewer, longer turns, twice as many conversations as replicas
+    "long-turns": {"conversations": 4, "turns": 5, "first_tokens": 700, "turn_tokens": 230, "max_tokens": 48},
+}
 CONFIGS = {  # key: (label, app arguments over the base config's; a dotted key is a nested field)
     "a": ("no cache", {"model.prefix_cache_gb": 0, "routing": "power_of_two"}),
     "b": ("cache, default routing", {"routing": "power_of_two"}),
     "c": ("cache, cache-aware routing", {"routing": "cache_aware"}),
 }
+# the parts of a served request's time to first token: the HTTP proxy (both ways), then
+# the router's timing line (deployments.router._log_timing)
+TIMING_PARTS = ("http", "http_in", "router", "to_engine", "prepare", "kv_load", "first_step", "engine_other", "back")
 METRICS = ("pace_prefix_cache_hits_total", "pace_prefix_cache_queries_total", "pace_prefix_cache_cached_tokens_total",
            "pace_prompt_tokens_total", "pace_time_to_first_token_seconds_sum", "pace_time_to_first_token_seconds_count")
 
@@ -197,11 +215,14 @@ def replica_of_requests(logfile: Path, records: list[dict]) -> None:
     after the client sent it the replica began it (``wait_s``: the proxy and router, and
     the wait for a replica), from the replicas' Serve access lines in serve run's log:
     "INFO <date> <time,ms> pace_LLMReplica <replica> <request id> -- CALL stream OK <ms>ms"
-    (logged at the call's end, local time). None where the log has no line for a turn."""
+    (logged at the call's end, local time); and where its time to first token went
+    (``timing_ms``: the router's "timing {...}" line, deployments.router._log_timing).
+    None where the log has no line for a turn."""
     import re
     from datetime import datetime
 
     text = logfile.read_text(errors="replace") if logfile.is_file() else ""
+    timing = {rid: json.loads(fields) for rid, fields in re.findall(r"pace_Router \S+ (\S+) -- timing (\{.*\})", text)}
     where = {}
     for stamp, rep, rid, ms in re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) pace_LLMReplica (\S+) (\S+) "
                                           r"-- CALL stream OK ([\d.]+)ms", text):
@@ -212,6 +233,7 @@ def replica_of_requests(logfile: Path, records: list[dict]) -> None:
         rep, began = where.get(r.get("request_id"), (None, None))
         r["replica"] = names.setdefault(rep, f"r{len(names)}") if rep else None
         r["wait_s"] = began - r["start_wall"] if began is not None and "start_wall" in r else None
+        r["timing_ms"] = timing.get(r.get("request_id"))
 
 
 def scrape(url: str, headers: dict, requests: int, timeout: float = 15) -> dict:
@@ -284,6 +306,16 @@ def summarize(records: list[dict], metrics: dict) -> dict:
                  turns_later_waited_over_50ms=len(waited), turns_later_placed=len(waits),
                  ttft_minus_wait_ms_later_p50=ms([r["ttft_s"] - r["wait_s"] for r in placed
                                                   if r["turn"] > 1 and r["wait_s"] is not None], 0.5))
+    timed = [r for r in later if r.get("timing_ms")]
+    if timed:
+        # where the time to first token of turns 2+ went (p50 of each part, ms): the
+        # router's timing line, and the rest of the client's TTFT (HTTP proxy, both ways)
+        parts = {k: [r["timing_ms"][k] / 1000 for r in timed] for k in TIMING_PARTS if not k.startswith("http")}
+        parts["http"] = [r["ttft_s"] - r["timing_ms"]["ttft"] / 1000 for r in timed]
+        parts["http_in"] = [r["timing_ms"]["arrived_at"] - r["start_wall"] for r in timed]
+        s["ttft_parts_ms_later_p50"] = {k: ms(v, 0.5) for k, v in parts.items()}
+        s["uncached_tokens_later_p50"] = pct([r["timing_ms"]["prompt_tokens"] - r["timing_ms"]["cached_tokens"]
+                                             for r in timed], 0.5)
     if metrics.get("pace_time_to_first_token_seconds_count"):
         s["server_ttft_ms_mean"] = 1000 * metrics["pace_time_to_first_token_seconds_sum"] / metrics[
             "pace_time_to_first_token_seconds_count"]
@@ -318,7 +350,8 @@ def run_config(key, config, args, convs, warmups, headers) -> dict:
                                                     args.max_tokens, f"warmup-{rnd}-{i}", headers)
                                            for i, text in enumerate(warmups[:args.replicas])))
         asyncio.run(warm())
-        warmed = 2 * min(args.replicas, len(warmups))
+        one_token = asyncio.run(one_token_ttfts(url, model, headers))
+        warmed = 2 * min(args.replicas, len(warmups)) + len(one_token)
         before = scrape(url, headers, warmed)
         t0 = time.perf_counter()
         records = asyncio.run(run_conversations(url, model, convs, args.concurrency, args.max_tokens, headers,
@@ -332,6 +365,7 @@ def run_config(key, config, args, convs, warmups, headers) -> dict:
     replica_of_requests(logfile, records)
     s = summarize(records, metrics)
     s["wall_s"] = wall
+    s["one_token_ttft_ms_p50"] = 1000 * pct(one_token, 0.5)
     # this host's 1-minute load average before the launch and after the conversations:
     # anything else running shares the CPUs with the replicas
     s["loadavg_1m"] = [load_before, load_after]
@@ -342,6 +376,19 @@ def run_config(key, config, args, convs, warmups, headers) -> dict:
         r.pop("answer", None)
     return {"label": label, "app_args": {k: get_arg(app_args, k) for k in ("model.prefix_cache_gb", "routing")},
             "summary": s, "turns": records}
+
+
+ONE_TOKEN = [{"role": "user", "content": "def f(x):"}]  # the HTTP overhead probe: a short prompt, a 1-token answer
+
+
+async def one_token_ttfts(url, model, headers, n: int = 10) -> list[float]:
+    """TTFT of ``n`` 1-token answers to a short prompt, one at a time on the idle server:
+    with the engine alone's (engine_reference), what HTTP and Serve add to a first token."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        return [(await one_turn(client, url, model, ONE_TOKEN, 1, f"one-token-{i}", headers))["ttft_s"]
+                for i in range(n)]
 
 
 def wait_replicas(logfile: Path, replicas: int, proc, timeout: float = 300) -> None:
@@ -377,11 +424,14 @@ def engine_reference(app_args: dict, convs: list[dict], max_tokens: int) -> dict
     """The same conversations on the engine alone, in this process (no HTTP, Serve or
     second replica), pinned as a replica's engine: this host's last ``cores_per_slot``
     CPUs, that many threads; without and with the prefix cache. TTFT per turn: to the
-    first text chunk, and the engine's own time_to_first_token_s (its prefill)."""
+    first text chunk; the engine's own time_to_first_token_s, and its parts: the KV
+    reuse and the first step (the prefill of the uncached tokens with the first
+    proposals). Also the TTFT of 1-token answers to a short prompt (ONE_TOKEN), against
+    which the served ones give the HTTP overhead."""
     from concurrent.futures import ThreadPoolExecutor
 
     from deployments.args import AppArgs
-    from pace_core import LLMModel, SamplingConfig
+    from pace_core import Final, LLMModel, SamplingConfig
 
     model = AppArgs.model_validate(app_args).model  # the replicas' engine config
 
@@ -389,38 +439,49 @@ def engine_reference(app_args: dict, convs: list[dict], max_tokens: int) -> dict
     cpus = sorted(os.sched_getaffinity(0))[-threads:] if hasattr(os, "sched_getaffinity") else None
     pool = ThreadPoolExecutor(1, initializer=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
 
-    def run(cache_gb) -> list[dict]:
+    def ttft(llm, messages, sampling):
+        t0, first, text, final = time.perf_counter(), None, [], None
+        for event in llm.chat(messages, sampling, stream=True):
+            if isinstance(event, Final):
+                final = event
+                continue
+            if event.text and first is None:
+                first = time.perf_counter() - t0
+            text.append(event.text)
+        e2e = time.perf_counter() - t0
+        return (first if first is not None else e2e), e2e, "".join(text), final.stats
+
+    def run(cache_gb) -> tuple[list[dict], list[float]]:
         llm = LLMModel.from_config(model.model_copy(update={"prefix_cache_gb": cache_gb}), threads)
         llm.chat([{"role": "user", "content": "def f(x):\n    return x"}], SamplingConfig(max_new_tokens=8))  # warm-up
+        one_token = [ttft(llm, ONE_TOKEN, SamplingConfig(max_new_tokens=1))[0] for _ in range(10)]
         rows = []
         for conv in convs:
             messages = []
             for turn, user in enumerate(conv["user"], 1):
                 messages.append({"role": "user", "content": user})
-                t0, first, text, last = time.perf_counter(), None, [], None
-                for chunk in llm.chat(messages, SamplingConfig(max_new_tokens=max_tokens, temperature=0), stream=True):
-                    if chunk.text and first is None:
-                        first = time.perf_counter() - t0
-                    text.append(chunk.text)
-                    last = chunk
-                e2e = time.perf_counter() - t0
-                rows.append({"conversation": conv["id"], "turn": turn, "ttft_s": first if first is not None else e2e,
-                             "engine_ttft_s": last.stats.time_to_first_token_s, "e2e_s": e2e,
-                             "cached_tokens": last.stats.num_cached_tokens})
-                messages.append({"role": "assistant", "content": "".join(text)})
+                first, e2e, text, stats = ttft(llm, messages, SamplingConfig(max_new_tokens=max_tokens, temperature=0))
+                rows.append({"conversation": conv["id"], "turn": turn, "ttft_s": first,
+                             "engine_ttft_s": stats.time_to_first_token_s, "e2e_s": e2e,
+                             "kv_load_s": stats.prefix_cache_load_s, "first_step_s": stats.first_step_s,
+                             "cached_tokens": stats.num_cached_tokens})
+                messages.append({"role": "assistant", "content": text})
         del llm
-        return rows
+        return rows, one_token
 
     out = {"pinned_cpus": cpus, "threads": threads}
     for name, gb in (("no cache", 0), ("cache", model.prefix_cache_gb)):
-        rows = pool.submit(run, gb).result()
+        rows, one_token = pool.submit(run, gb).result()
         later = [r for r in rows if r["turn"] > 1]
-        out[name] = {"ttft_ms_turn1_p50": 1000 * pct([r["ttft_s"] for r in rows if r["turn"] == 1], 0.5),
-                     "ttft_ms_later_p50": 1000 * pct([r["ttft_s"] for r in later], 0.5),
-                     "engine_ttft_ms_later_p50": 1000 * pct([r["engine_ttft_s"] for r in later], 0.5),
-                     "e2e_ms_later_p50": 1000 * pct([r["e2e_s"] for r in later], 0.5), "turns": rows}
+        p50 = lambda key, rs=later: 1000 * pct([r[key] for r in rs], 0.5)  # noqa: E731
+        out[name] = {"ttft_ms_turn1_p50": p50("ttft_s", [r for r in rows if r["turn"] == 1]),
+                     "ttft_ms_later_p50": p50("ttft_s"), "engine_ttft_ms_later_p50": p50("engine_ttft_s"),
+                     "kv_load_ms_later_p50": p50("kv_load_s"), "first_step_ms_later_p50": p50("first_step_s"),
+                     "e2e_ms_later_p50": p50("e2e_s"), "one_token_ttft_ms_p50": 1000 * pct(one_token, 0.5),
+                     "turns": rows}
         log(f"engine alone, {name}: TTFT turns 2+ p50 {out[name]['ttft_ms_later_p50']:.0f} ms "
-            f"(engine's own {out[name]['engine_ttft_ms_later_p50']:.0f} ms)")
+            f"(engine's own {out[name]['engine_ttft_ms_later_p50']:.0f} ms, first step "
+            f"{out[name]['first_step_ms_later_p50']:.0f} ms)")
     pool.shutdown()
     a, c = out["no cache"]["ttft_ms_later_p50"], out["cache"]["ttft_ms_later_p50"]
     out["ttft_p50_later_no_cache_over_cache"] = a / c if c else None
@@ -432,26 +493,37 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="a,b,c", help="which of a (no cache), b (cache, power of two), "
                                                          "c (cache, cache-aware) to run, in order")
-    ap.add_argument("--conversations", type=int, default=8)
-    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="short-turns",
+                    help="the defaults of the five options below: " + "; ".join(
+                        f"{k}: {', '.join(f'{n} {v}' for n, v in w.items())}" for k, w in WORKLOADS.items()))
+    ap.add_argument("--conversations", type=int)
+    ap.add_argument("--turns", type=int)
     ap.add_argument("--concurrency", type=int, default=2, help="workers, each running its conversations in turn")
     ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--first-tokens", type=int, default=560, help="user tokens of turn 1")
-    ap.add_argument("--turn-tokens", type=int, default=100, help="new user tokens of each later turn")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--first-tokens", type=int, help="user tokens of turn 1")
+    ap.add_argument("--turn-tokens", type=int, help="new user tokens of each later turn")
+    ap.add_argument("--max-tokens", type=int)
     ap.add_argument("--config", type=Path, default=ROOT / "serve_config.yaml")
     ap.add_argument("--app-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="override an app argument of --config (all configurations), e.g. affinity_wait_s=1 "
                          "or model.dtype=bfloat16")
-    ap.add_argument("--engine-reference", type=int, default=2, metavar="N",
-                    help="also run the first N conversations on the engine alone, in-process, without and with "
-                         "the prefix cache (0: not)")
+    ap.add_argument("--engine-reference", type=int, default=-1, metavar="N",
+                    help="also run the first N conversations (-1: all) on the engine alone, in-process, without "
+                         "and with the prefix cache (0: not)")
     ap.add_argument("--port", type=int, default=8766)
     ap.add_argument("--ready-timeout", type=float, default=300)
     ap.add_argument("--api-key", default=os.environ.get("PACE_API_KEY"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "multi_turn"))
+    ap.add_argument("--out", help="output path without suffix (default: benchmarks/results/multi_turn for "
+                                  "short-turns, benchmarks/results/multi_turn_<workload> otherwise)")
     ap.add_argument("--smoke", action="store_true", help="tiny models, 2 conversations x 3 turns, a temp dir (CI)")
     args = ap.parse_args(argv)
+    for name, value in WORKLOADS[args.workload].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    default_out = args.out is None
+    if default_out:
+        suffix = "" if args.workload == "short-turns" else "_" + args.workload.replace("-", "_")
+        args.out = str(ROOT / "benchmarks" / "results" / f"multi_turn{suffix}")
     import yaml
 
     config = yaml.safe_load(args.config.read_text())
@@ -466,8 +538,8 @@ def main(argv=None) -> int:
         base["model"] = {"model_name_or_path": target, "dtype": "float32",
                          "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 3}}
         args.conversations, args.turns, args.first_tokens, args.turn_tokens, args.max_tokens = 2, 3, 40, 12, 8
-        args.engine_reference = min(args.engine_reference, 1)
-        if args.out == ap.get_default("out"):
+        args.engine_reference = 1 if args.engine_reference < 0 else min(args.engine_reference, 1)
+        if default_out:
             args.out = str(Path(tempfile.mkdtemp(prefix="pace-multi-turn-")) / "multi_turn")
         if args.port == ap.get_default("port"):
             args.port = 8767
@@ -505,7 +577,8 @@ def main(argv=None) -> int:
         results[key] = run_config(key, config, args, convs, warmups, headers)
     engine = None
     if args.engine_reference:
-        engine = engine_reference(base, convs[:args.engine_reference], args.max_tokens)
+        engine = engine_reference(base, convs[:args.engine_reference] if args.engine_reference > 0 else convs,
+                                  args.max_tokens)
     write_outputs(Path(args.out), results, convs, args, longest, engine)
     if args.smoke:
         check_smoke(Path(args.out), keys, args)
@@ -538,9 +611,11 @@ def write_outputs(out: Path, results: dict, convs, args, longest: int, engine: d
                 "max_tokens": args.max_tokens, "sources": [c["source"] for c in convs],
                 "python": platform.python_version(), "smoke": args.smoke}
     out.with_suffix(".json").write_text(json.dumps({"command": cmd, "cpu": cpu, "settings": settings, "ratios": ratios,
-                                                    "engine_alone": engine,
+                                                    "engine_alone": engine, "workload": args.workload,
+                                                    "target": target_check(results, engine) if engine else None,
                                                     "configs": results}, indent=1))
-    lines = [f"{len(convs)} conversations x {args.turns} turns, {args.concurrency} workers, {args.replicas} replicas; "
+    lines = [f"Workload {args.workload}: {len(convs)} conversations x {args.turns} turns, {args.concurrency} workers, "
+             f"{args.replicas} replicas; "
              f"streaming /v1/chat/completions, greedy, {args.max_tokens} max tokens; turn 1: {args.first_tokens}+ "
              f"tokens of a held-out stdlib file, each later turn the answer + {args.turn_tokens}+ more "
              f"(last turn <= ~{longest} prompt tokens). CPU: {cpu['model_name']} ({cpu['isa']}, {cpu['cpus']} CPUs). "
@@ -600,19 +675,40 @@ def write_outputs(out: Path, results: dict, convs, args, longest: int, engine: d
                          f"{fmt(s['wait_ms_later_p90'], '.0f')} | "
                          f"{s['turns_later_waited_over_50ms']}/{s['turns_later_placed']} | "
                          f"{fmt(s['ttft_minus_wait_ms_later_p50'], '.0f')} |")
+    timed = [(k, r["summary"]) for k, r in results.items() if r["summary"].get("ttft_parts_ms_later_p50")]
+    if timed:
+        lines += ["", "Where the time to first token of turns 2+ went, p50 of each part in ms (they need not add up "
+                      "to the TTFT p50): the client's TTFT less the router's (`http`: Serve's HTTP proxy, both ways; "
+                      "`http_in`: from the client's send to the router, wall clocks), "
+                      "then the router's timing line (deployments.router._log_timing): `router` (checks, admission), "
+                      "`to_engine` (the call to a replica until its engine began: waiting for a replica, the hops), "
+                      "the engine's `prepare` (chat template, tokenizing), `kv_load` (reusing the cached prefix), "
+                      "`first_step` (the prefill of the uncached tokens with the first proposals), `engine_other`, "
+                      "and `back` (the first tokens' way to the router):", "",
+                  "| config | TTFT | uncached tokens | " + " | ".join(TIMING_PARTS) + " |",
+                  "|---|---:|---:|" + "---:|" * len(TIMING_PARTS)]
+        for key, s in timed:
+            parts = s["ttft_parts_ms_later_p50"]
+            lines.append(f"| ({key}) | {fmt(s['ttft_ms_later_p50'], '.0f')} | {s['uncached_tokens_later_p50']:.0f} | "
+                         + " | ".join(fmt(parts[k], '.1f') for k in TIMING_PARTS) + " |")
     if engine:
         lines += ["", f"The engine alone, in-process (no HTTP, Serve or concurrent request), pinned to CPU(s) "
-                      f"{engine['pinned_cpus']}, the first {len(engine['cache']['turns']) // args.turns} "
-                      "conversation(s):", "",
+                      f"{engine['pinned_cpus']}, {len(engine['cache']['turns']) // args.turns} conversation(s):", "",
                   "| engine alone | TTFT ms turn 1 p50 | TTFT ms turns 2+ p50 | engine's time_to_first_token ms "
-                  "turns 2+ p50 | e2e ms turns 2+ p50 |", "|---|---:|---:|---:|---:|"]
+                  "turns 2+ p50 | its KV reuse ms | its first step ms | e2e ms turns 2+ p50 | TTFT ms of a 1-token "
+                  "answer |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name in ("no cache", "cache"):
             e = engine[name]
             lines.append(f"| {name} | {e['ttft_ms_turn1_p50']:.0f} | {e['ttft_ms_later_p50']:.0f} | "
-                         f"{e['engine_ttft_ms_later_p50']:.0f} | {e['e2e_ms_later_p50']:.0f} |")
+                         f"{e['engine_ttft_ms_later_p50']:.0f} | {e['kv_load_ms_later_p50']:.1f} | "
+                         f"{e['first_step_ms_later_p50']:.0f} | {e['e2e_ms_later_p50']:.0f} | "
+                         f"{e['one_token_ttft_ms_p50']:.1f} |")
         if engine["ttft_p50_later_no_cache_over_cache"]:
             lines += ["", f"Engine alone, TTFT p50 of turns 2+ no cache / cache: "
                           f"x{engine['ttft_p50_later_no_cache_over_cache']:.2f}."]
+        target = target_check(results, engine)
+        if target:
+            lines += ["", target["text"]]
     save_table(out, "\n".join(lines) + "\n")
     plt = pyplot()
     if plt is None:
@@ -626,6 +722,28 @@ def write_outputs(out: Path, results: dict, convs, args, longest: int, engine: d
     ax.set_ylim(bottom=0), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
+
+
+def target_check(results: dict, engine: dict) -> dict | None:
+    """Issue 24's target for the defaults (c): TTFT p50 of turns 2+ at most 1.5 x (the
+    engine alone's prefill of the uncached tokens, p50 of its first steps of turns 2+,
+    + the HTTP overhead: the served 1-token answer's TTFT less the engine alone's), and
+    at least 3x lower than without the cache (a)."""
+    if "c" not in results:
+        return None
+    c = results["c"]["summary"]
+    overhead = c["one_token_ttft_ms_p50"] - engine["cache"]["one_token_ttft_ms_p50"]
+    bound = 1.5 * (engine["cache"]["first_step_ms_later_p50"] + overhead)
+    out = {"ttft_ms_later_p50": c["ttft_ms_later_p50"], "http_overhead_ms": overhead, "bound_ms": bound,
+           "within_bound": c["ttft_ms_later_p50"] <= bound}
+    text = (f"Target (c): TTFT p50 of turns 2+ {c['ttft_ms_later_p50']:.0f} ms <= 1.5 x (prefill of the uncached "
+            f"tokens in process {engine['cache']['first_step_ms_later_p50']:.0f} ms + HTTP overhead {overhead:.1f} ms"
+            f" = {bound:.0f} ms): {'yes' if out['within_bound'] else 'NO'}")
+    if "a" in results:
+        out["a_over_c"] = results["a"]["summary"]["ttft_ms_later_p50"] / c["ttft_ms_later_p50"]
+        text += f"; (a)/(c) x{out['a_over_c']:.2f} >= 3: {'yes' if out['a_over_c'] >= 3 else 'NO'}"
+    out["text"] = text + "."
+    return out
 
 
 def check_smoke(out: Path, keys: list[str], args) -> None:
@@ -645,6 +763,15 @@ def check_smoke(out: Path, keys: list[str], args) -> None:
     if args.engine_reference:
         engine = result["engine_alone"]
         assert len(engine["cache"]["turns"]) == len(engine["no cache"]["turns"]) == args.turns * args.engine_reference
+        assert engine["cache"]["first_step_ms_later_p50"] > 0 and engine["cache"]["one_token_ttft_ms_p50"] > 0
+    for key in keys:  # every turn 2+ has the router's timing line, its parts adding up to its TTFT there
+        s = result["configs"][key]["summary"]
+        assert set(s["ttft_parts_ms_later_p50"]) == set(TIMING_PARTS) and s["one_token_ttft_ms_p50"] > 0, s
+        for t in result["configs"][key]["turns"]:
+            if t["turn"] > 1:
+                timing = t["timing_ms"]
+                assert timing and timing["first_step"] > 0 and timing["prompt_tokens"] == t["prompt_tokens"], t
+                assert abs(sum(timing[k] for k in TIMING_PARTS if not k.startswith("http")) - timing["ttft"]) < 0.1, timing
         assert all(t["cached_tokens"] == 0 for t in engine["no cache"]["turns"]), engine["no cache"]
         assert all(t["cached_tokens"] > 0 for t in engine["cache"]["turns"] if t["turn"] > 1), engine["cache"]
     md = out.with_suffix(".md").read_text()

@@ -71,8 +71,8 @@ def main(argv=None) -> int:
         for i in range(a.pairs + 1):
             prompt = prompts[i % len(prompts)]
             request = {"prompt": prompt, "sampling": {"max_new_tokens": a.max_tokens}}
-            streamed = list(replica.options(stream=True).stream.remote(request))[-1].stats.to_dict()
-            whole = replica.generate.remote(request).result().stats.to_dict()
+            streamed = list(replica.options(stream=True).stream.remote(request))[-1].stats.to_dict()  # the Final's
+            whole = replica.generate.remote(request).result()[-1].stats.to_dict()
             local = engine_tpot(pool.submit(lambda: llm.generate(prompt, sampling).stats.to_dict()).result())
             if i:  # the first round is warm-up
                 ratios["streamed"].append(engine_tpot(streamed) / local)

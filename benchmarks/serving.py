@@ -220,11 +220,11 @@ def http_vs_in_process(args, url, model, prompts, headers, pairs: int) -> dict:
         t0 = time.perf_counter()
         first = last = None
         n = 0
-        for c in llm.stream(prompt, SamplingConfig(max_new_tokens=args.max_tokens)):
-            if c.text:  # the same definition as one_request: first and last text chunk
+        for event in llm.stream(prompt, SamplingConfig(max_new_tokens=args.max_tokens)):
+            if getattr(event, "text", ""):  # the same definition as one_request: first and last text chunk
                 last = time.perf_counter() - t0
                 first = last if first is None else first
-            n += len(c.token_ids)
+            n += len(getattr(event, "token_ids", ()))
         first = first if first is not None else time.perf_counter() - t0
         return {"ttft": first, "tpot": ((last or first) - first) / max(n - 1, 1)}
 

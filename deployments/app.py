@@ -17,7 +17,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from pace_core.configs import ModelConfig
-from pace_core.loading import ModelLoadError, resolve_model_path
+from pace_core.loading import ModelLoadError, context_length, resolve_model_path
 from pace_core.numa import SLOT_RESOURCE
 
 from . import REPLICA_ENV
@@ -71,7 +71,10 @@ def build_app(args: AppArgs) -> Application:
         logger.warning("the cluster advertises no '%s' resource (start nodes with `python -m cluster.start_node`): "
                        "replicas are placed by CPU count only; each still claims a slot on its host", SLOT_RESOURCE)
     if args.autoscaling:
-        scaling = {"autoscaling_config": args.autoscaling.model_dump()}
+        autoscaling = args.autoscaling
+        if "target_ongoing_requests" not in autoscaling.model_fields_set:  # a replica takes one at a time
+            autoscaling = autoscaling.model_copy(update={"target_ongoing_requests": 1})
+        scaling = {"autoscaling_config": autoscaling.model_dump(exclude_unset=False)}
     else:
         scaling = {"num_replicas": args.num_replicas}
     routing = {}  # power_of_two: Serve's default request router
@@ -82,8 +85,25 @@ def build_app(args: AppArgs) -> Application:
     # Serve's request router queues what the replicas cannot take yet; the Router admits
     # at most max_queued_requests waiting (Router._admit)
     replica = LLMReplica.options(ray_actor_options=actor_options, **scaling, **routing).bind(replica_args)
-    router = Router.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
-    return router.bind(replica, args.model_dump())
+    router = Router.options(num_replicas=args.router_replicas,
+                            ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
+    return router.bind(replica, args.model_dump(), model_card(replica_args.model))
+
+
+def model_card(model: ModelConfig) -> dict:
+    """What /v1/models says of the model, known at deploy time (no replica is asked): the
+    context length (the shorter of target's and draft's) and K."""
+    from transformers import AutoConfig
+
+    def context(path: str) -> int | None:
+        return context_length(AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code))
+
+    contexts = [context(model.model_name_or_path)]
+    if model.pard_config is not None:
+        contexts.append(context(model.pard_config.model_name_or_path))
+    known = [c for c in contexts if c]
+    return {"max_context": min(known) if known else None,
+            "num_speculative_tokens": model.pard_config.num_speculative_tokens if model.pard_config else None}
 
 
 app = build_app  # `serve run deployments.app:app model.model_name_or_path=... model.pard_config=null` also works

@@ -12,32 +12,18 @@ import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray.serve.config import AutoscalingConfig
 
 from pace_core.configs import ModelConfig, PardSpecDecodeConfig
 
 
-class AutoscalingArgs(BaseModel):
-    """Serve autoscaling on ongoing requests; ``max_replicas`` is further bounded by the
-    cluster's slots (replicas beyond them stay pending, harmlessly)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(1.0, gt=0)
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(60.0, ge=0)
-    metrics_interval_s: float = Field(2.0, gt=0)
-    look_back_period_s: float = Field(10.0, gt=0)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> "AutoscalingArgs":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"autoscaling.min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
-        return self
-
-
 API_KEY_ENV = "PACE_API_KEY"
+
+# app arguments that are gone, and what to do instead
+REMOVED = {
+    "default_max_tokens": "a request that gives no max_tokens gets pace_core's DEFAULT_MAX_NEW_TOKENS, lowered to the "
+                          "room its prompt leaves in the context, over HTTP, through handles and in the library alike",
+}
 
 # the engine's fields that were flat app arguments, and where each lives now
 MOVED = {
@@ -96,7 +82,12 @@ class AppArgs(BaseModel):
     model: ModelConfig = Field(default_factory=demo_model)
     served_model_name: str = "pace-demo"
     num_replicas: int = Field(2, ge=1)
-    autoscaling: AutoscalingArgs | None = None
+    # Serve's own AutoscalingConfig (min_replicas, max_replicas, upscale_delay_s, ...); a
+    # replica takes one request at a time, so build_app makes target_ongoing_requests 1
+    # where it is not given (Serve's default is 2)
+    autoscaling: AutoscalingConfig | None = None
+    # replicas of the ingress Router; each admits its share of max_queued_requests (Router._admit)
+    router_replicas: int = Field(1, ge=1)
     cores_per_slot: int | None = Field(None, ge=1)
     # request the slot Ray resource (pace_core.numa.SLOT_RESOURCE) per replica: "auto" =
     # when the cluster advertises it
@@ -105,7 +96,6 @@ class AppArgs(BaseModel):
     # requests waiting for a free replica (in flight beyond the running replicas, counted
     # by the router as they arrive, so right under autoscaling); beyond: 503
     max_queued_requests: int = Field(16, ge=1)
-    default_max_tokens: int = Field(256, ge=1)  # when a request gives no max_tokens
     # streaming: send accepted tokens at most every this many ms (0: every step); the
     # first token always goes at once
     stream_interval_ms: float = Field(0.0, ge=0, le=1000)
@@ -161,6 +151,9 @@ class AppArgs(BaseModel):
         if moved:
             raise ValueError("; ".join(moved) + " (the engine's settings are the `model` argument, a "
                              "pace_core ModelConfig: README, App arguments)")
+        removed = [f"{key} was removed: {REMOVED[key]}" for key in data if key in REMOVED]
+        if removed:
+            raise ValueError("; ".join(removed))
         return _expand_dotted(data, {"model": demo_model().model_dump()})
 
     @field_validator("api_key_file")

@@ -6,21 +6,22 @@ costs the engine time, and on a multi-core slot the threads' GIL hand-offs slow 
 engine down far more than their CPU time (measured: x1.8 with Serve's threads on
 another core). Here the engine process owns the model, is pinned to the replica's
 slot, and talks to the replica over a socket pair: the replica sends a request, the
-engine sends back its chunks as they are accepted, and a ``stop`` message ends a
+engine sends back its events as tokens are accepted, and a ``stop`` message ends a
 request early (after the current step). No model math happens on the replica's side.
 
     engine = EngineProcess(app_args.model, slot)  # LLMModel.from_config(model); raises ModelLoadError
-    engine.send(("generate", request))            # then engine.recv() until ("end", ...)
+    engine.send(("generate", request))            # then engine.recv() until a Final or a Failed
 
-Messages from the engine: ("ready", info), ("load_error", message),
-("chunk", pace_core.outputs.StreamChunk), ("user_error", message), ("end", error message or None).
+Messages from the engine: ("ready", facts) or ("load_error", message) once it is
+loaded; then, for each request, the events of ``LLMModel.run`` as they come
+(pace_core.outputs: Delta ..., then a Final), or a Failed: ``invalid_request`` (the
+client's mistake: a ValueError), ``engine`` (anything else, logged here with the
+request's id) or ``cancelled`` (the replica's ``stop``, after the current step).
 
-Nothing a request carries can end the engine process: a request that fails in any
-way is answered with ("user_error", ...) (a ValueError: the client's mistake) or
-("end", message) (anything else, logged here with the request's id), and the engine
-waits for the next one. If the process dies anyway (killed, out of memory, a crash in
-native code), the replica notices at once and starts a new one on the same slot
-(:mod:`deployments.replica`).
+Nothing a request carries can end the engine process: whatever fails in it ends with a
+Failed, and the engine waits for the next one. If the process dies anyway (killed, out
+of memory, a crash in native code), the replica notices at once and starts a new one
+on the same slot (:mod:`deployments.replica`).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import time
 from multiprocessing.connection import Connection
 
 from pace_core.configs import ModelConfig
+from pace_core.outputs import Delta, Failed
 
 from . import NICENESS_ENV
 
@@ -59,7 +61,8 @@ class EngineProcess:
     """Start the engine process and (unless ``wait=False``) wait until its model is
     loaded; with ``wait=False`` call :meth:`wait_ready` once :meth:`fileno` is readable."""
 
-    def __init__(self, model: ModelConfig | dict, slot=None, wait: bool = True, first_chunk_pause_s: float = 0.0):
+    def __init__(self, model: ModelConfig | dict, slot=None, wait: bool = True, first_chunk_pause_s: float = 0.0,
+                 start: int = 1):
         model = ModelConfig.model_validate(model)  # the app argument ``model``; a dict is validated here
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -67,8 +70,8 @@ class EngineProcess:
                                      pass_fds=[theirs.fileno()], env=env)
         theirs.close()
         self.conn = Connection(ours.detach())
-        self.info: dict = {}  # once loaded: pid, model description, pinning
-        self.send((model, slot, first_chunk_pause_s))
+        self.info: dict = {}  # once loaded: its facts (LLMModel.facts_now: the model, the pinning, the counts)
+        self.send((model, slot, first_chunk_pause_s, start))
         if wait:
             self.wait_ready()
 
@@ -127,39 +130,30 @@ class EngineProcess:
 
 # ------------------------------------------------------------------ the engine side
 
-def _describe(model, pinned: dict, first_chunk_pause_s: float) -> dict:
+def _facts(pinned: dict, first_chunk_pause_s: float, start: int) -> dict:
+    """This process's facts, which every Final reports beside the model's (LLMModel.facts)."""
     import torch
 
     return {
-        "engine_pid": os.getpid(),
-        "target": model.config.model_name_or_path,
-        "draft": model.config.pard_config.model_name_or_path if model.draft else None,
-        "num_speculative_tokens": model.num_speculative_tokens,
-        "speculation_schedule": model.speculation_schedule if model.draft else None,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "weights": model.weight_format,
-        "draft_weights": model.draft.weight_format if model.draft else None,
-        "forward": model.forward_kind,
-        "max_context": model.max_context,
+        "replica_pid": os.getppid(),
+        "engine_start": start,  # 1 for the replica's first engine, 2 for the one it restarted, ...
         "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
         "membind": pinned.get("membind"),
         "priority": pinned.get("priority"),
         "first_chunk_pause_ms": first_chunk_pause_s * 1000,
-        "prefix_cache": model.prefix_cache_stats(),
     }
 
 
 def _serve_request(model, conn: Connection, request, first_chunk_pause_s: float = 0.0) -> None:
-    """Answer one request: ("user_error", message) if it cannot be served as asked, else
-    its chunks, then ("end", None or an error message). Whatever the request holds, the
-    engine survives it (a Rust panic in a tokenizer is a BaseException, hence the wide
-    catches).
+    """Answer one request with the events of ``model.run``, ended by its Final, or with a
+    Failed (pace_core.outputs). Whatever the request holds, the engine survives it (a Rust
+    panic in a tokenizer is a BaseException, hence the wide catches).
 
-    After the first chunk (unless it is also the last) the engine sleeps
+    After the first event (unless the request ended with it) the engine sleeps
     ``first_chunk_pause_s`` (app argument first_chunk_pause_ms) before decoding on. It
     decodes at niceness 0 (:func:`raise_priority`) while the processes that carry the
-    chunk to the client (replica, router, HTTP proxy) run at Ray's 15: on a host whose
+    event to the client (replica, router, HTTP proxy) run at Ray's 15: on a host whose
     cores the engines fill, they waited tens of ms for a time slice; the pause hands them
     the engine's core. Measured with benchmarks/multi_turn.py on 2 cores
     (docs/performance.md): TTFT p50 of cached turns ~140 -> ~105-115 ms (2 ms: no change;
@@ -167,39 +161,42 @@ def _serve_request(model, conn: Connection, request, first_chunk_pause_s: float 
     much later."""
     rid = request.get("request_id") if isinstance(request, dict) else None
     try:
-        prepared = model.prepare(request.get("prompt"), request.get("sampling") or {}, messages=request.get("messages"),
-                                 fit_context=bool(request.get("max_tokens_is_default")))
+        prepared = model.prepare(request.get("prompt"), request.get("sampling") or {}, messages=request.get("messages"))
     except USER_ERRORS as err:
-        conn.send(("user_error", error_message(err)))
+        conn.send(Failed("invalid_request", error_message(err)))
         return
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException:
+    except BaseException as err:
         logger.exception("request %s: could not be prepared", rid)
-        conn.send(("end", "the request could not be prepared"))
+        conn.send(Failed("engine", f"the request could not be prepared: {type(err).__name__}: {err}"))
         return
-    error = None
-    chunks = model.run(prepared)
-    first = True
+    events = model.run(prepared)
+    end = None
     try:
-        for chunk in chunks:
-            if chunk.finish_reason:
-                chunk.engine = {"engine_pid": os.getpid(), "prefix_cache": model.prefix_cache_stats()}
-            conn.send(("chunk", chunk))
-            if first and first_chunk_pause_s and not chunk.finish_reason:
+        for event in events:
+            conn.send(event)
+            if not isinstance(event, Delta):
+                end = event
+                break
+            if first_chunk_pause_s:
                 time.sleep(first_chunk_pause_s)
-            first = False
+                first_chunk_pause_s = 0.0
             if conn.poll():  # the only message that can arrive mid-request is "stop"
                 conn.recv()
+                end = Failed("cancelled", "stopped: its caller went away")
                 break
     except (KeyboardInterrupt, SystemExit, BrokenPipeError, ConnectionResetError):
         raise  # stopped, or the replica is gone
     except BaseException as err:  # surfaces in the request; the engine keeps serving
         logger.exception("request %s failed in the engine", rid)
-        error = f"{type(err).__name__}: {err}"
+        end = Failed("engine", f"{type(err).__name__}: {err}")
     finally:
-        chunks.close()
-    conn.send(("end", error))
+        events.close()
+    if end is None:  # not expected: run() always ends with a Final
+        end = Failed("engine", "the generation ended without its Final")
+    if isinstance(end, Failed):
+        conn.send(end)
 
 
 def raise_priority() -> str:
@@ -231,7 +228,7 @@ def main(fd: int) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(process)d %(levelname)s %(message)s")
     conn = Connection(fd)
-    model_config, slot, first_chunk_pause_s = conn.recv()
+    model_config, slot, first_chunk_pause_s, start = conn.recv()
     pinned: dict = {"priority": raise_priority()}
     try:
         if slot is not None:
@@ -244,7 +241,8 @@ def main(fd: int) -> None:
     except Exception as err:
         conn.send(("load_error", f"{type(err).__name__}: {err}"))
         return
-    conn.send(("ready", _describe(model, pinned, first_chunk_pause_s)))
+    model.facts.update(_facts(pinned, first_chunk_pause_s, start))
+    conn.send(("ready", model.facts_now()))
     while True:
         try:
             kind, payload = conn.recv()
@@ -263,7 +261,8 @@ def error_message(err: Exception) -> str:
     errors = getattr(err, "errors", None)
     if callable(errors):
         try:
-            return "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}".lstrip(": ") for e in errors())
+            return "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                             .lstrip(": ") for e in errors())
         except Exception:
             pass
     return str(err)

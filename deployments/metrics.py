@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
-from pace_core.outputs import GenerationStats
+from pace_core.outputs import Final
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ACCEPTED_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)  # draft tokens; K is at most 32
@@ -34,8 +34,8 @@ class Metrics:
         self._prompt = counter("pace_prompt_tokens", "Prompt tokens processed.").labels(model_name)
         self._decode_steps = counter("pace_decode_steps", "Decode steps (one target forward each).").labels(model_name)
         self._proposed = counter("pace_draft_tokens_proposed", "Draft tokens proposed to the target.").labels(model_name)
-        self._cache_queries = counter("pace_prefix_cache_queries", "Requests that looked up the prefix cache "
-                                      "(prompt tokens: pace_prompt_tokens).").labels(model_name)
+        self._cache_queries = counter("pace_prefix_cache_queries", "Finished requests that looked up the prefix cache "
+                                      "(none when the engines have no cache).").labels(model_name)
         self._cache_hits = counter("pace_prefix_cache_hits", "Requests that reused at least one cached prefix "
                                    "block.").labels(model_name)
         self._cached = counter("pace_prefix_cache_cached_tokens", "Prompt tokens whose KV came from the prefix "
@@ -63,30 +63,33 @@ class Metrics:
     def stream_error(self) -> None:
         self._stream_errors.inc()
 
-    def generation_done(self, prompt_tokens: int, tokens: int, stats: GenerationStats | None, ttft: float | None,
-                        e2e: float, cached_tokens: int = 0) -> None:
-        """One generation's counts; ``stats`` (the engine's, on a finished generation's
-        last chunk) gives the per-step acceptance and the per-token ITL; ``cached_tokens``
-        the prompt tokens whose KV the replica's prefix cache held."""
-        stats = stats or GenerationStats()
-        self._prompt.inc(prompt_tokens)
-        self._cache_queries.inc()
-        self._cached.inc(cached_tokens)
-        self._cache_tokens[0] += prompt_tokens
-        self._cache_tokens[1] += cached_tokens
-        if cached_tokens:
-            self._cache_hits.inc()
+    def generation_done(self, final: Final | None, tokens: int, ttft: float | None, e2e: float) -> None:
+        """One generation's counts: ``tokens`` generated (also of one cut short, which has
+        no ``final``); from its Final, the prompt and its cached tokens (queries of the
+        prefix cache only where the engine has one), the per-step acceptance and the
+        per-token ITL."""
         self._generated.inc(tokens)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        self.e2e.observe(e2e)
+        if final is None:
+            return
+        stats, usage = final.stats, final.usage
+        self._prompt.inc(usage.prompt_tokens)
+        if final.engine.get("prefix_cache") is not None:
+            self._cache_queries.inc()
+            self._cached.inc(usage.cached_tokens)
+            self._cache_tokens[0] += usage.prompt_tokens
+            self._cache_tokens[1] += usage.cached_tokens
+            if usage.cached_tokens:
+                self._cache_hits.inc()
         self._decode_steps.inc(stats.steps)
-        per_step = zip(stats.drafts_proposed_per_step, stats.drafts_accepted_per_step)
-        for proposed, accepted in per_step:
+        for proposed, accepted in zip(stats.drafts_proposed_per_step, stats.drafts_accepted_per_step):
             if proposed:
                 self.accepted.observe(accepted)
                 self._proposed.inc(proposed)
                 if accepted == proposed:
                     self._bonus.inc()
-        if ttft is not None:
-            self.ttft.observe(ttft)
         emitted, previous = 0, 0.0
         for end, n in zip(stats.step_end_s, stats.tokens_per_step):
             for i in range(n):
@@ -95,7 +98,6 @@ class Metrics:
                 emitted += 1
             if n:
                 previous = end
-        self.e2e.observe(e2e)
 
     def _cache_hit_rate(self) -> float:
         prompt, cached = self._cache_tokens

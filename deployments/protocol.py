@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-from pace_core.configs import MAX_LOGPROBS
-from pace_core.outputs import StreamChunk
+from pace_core.configs import SamplingConfig
+from pace_core.outputs import Delta, Final
 
 
 class APIError(Exception):
@@ -32,35 +32,29 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
+    """The fields both routes share. Sampling fields carry their types only: their ranges
+    are pace_core's SamplingConfig's, checked by :meth:`sampling` (one declaration)."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # vLLM extension
-    min_p: float | None = Field(None, ge=0, le=1)  # vLLM extension
-    repetition_penalty: float | None = Field(None, gt=0)  # vLLM extension (transformers' semantics)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    min_tokens: int | None = Field(None, ge=0)  # vLLM extension
-    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # {"token id": bias}
-    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)  # the range torch's generators take
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM extension
+    min_p: float | None = None  # vLLM extension
+    repetition_penalty: float | None = None  # vLLM extension (transformers' semantics)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_tokens: int | None = None  # vLLM extension
+    logit_bias: dict[int, float] | None = None  # {"token id": bias}
+    seed: int | None = None
     stop: str | list[str] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
     ignore_eos: StrictBool = False  # vLLM extension
     user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if v == "" or (isinstance(v, list) and any(s == "" for s in v)):
-            raise ValueError("stop sequences must not be empty")
-        return v
 
     def refuse_unsupported(self) -> None:
         if self.n != 1:
@@ -70,13 +64,20 @@ class _Common(BaseModel):
         """SamplingConfig.logprobs: None (no logprobs), or how many alternatives per token."""
         raise NotImplementedError
 
-    def sampling(self, default_max_tokens: int, max_tokens: int | None = None) -> dict:
-        """The SamplingConfig fields this request sets. The others come from the model's
+    def max_length(self) -> int | None:
+        return self.max_tokens
+
+    def sampling(self) -> dict:
+        """The SamplingConfig fields this request sets, checked against SamplingConfig
+        (APIError naming the request's field otherwise). The others come from the model's
         generation_config.json in the engine, else its defaults: temperature 0 (greedy),
-        unlike OpenAI's default of 1."""
-        out = {"max_new_tokens": max_tokens or self.max_tokens or default_max_tokens, "ignore_eos": self.ignore_eos}
-        if self.stop:
-            out["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        unlike OpenAI's default of 1; the default length: DEFAULT_MAX_NEW_TOKENS, lowered
+        to the room the prompt leaves in the context."""
+        out = {"ignore_eos": self.ignore_eos}
+        if self.max_length() is not None:
+            out["max_new_tokens"] = self.max_length()
+        if self.stop is not None:
+            out["stop"] = self.stop
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty", "logit_bias", "seed"):
             if getattr(self, name) is not None:
@@ -85,7 +86,14 @@ class _Common(BaseModel):
             out["min_new_tokens"] = self.min_tokens
         if self.num_logprobs() is not None:
             out["logprobs"] = self.num_logprobs()
+        try:
+            SamplingConfig(**out)
+        except ValidationError as err:
+            raise validation_error(err.errors(), self.HTTP_NAMES) from None
         return out
+
+    # the request fields behind SamplingConfig's, where the names differ
+    HTTP_NAMES: ClassVar[dict] = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
 class CompletionRequest(_Common):
@@ -93,7 +101,7 @@ class CompletionRequest(_Common):
     echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token (0: the chosen only)
+    logprobs: StrictInt | None = None  # alternatives per token (0: the chosen only)
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
@@ -141,10 +149,15 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
     tools: list | None = None
     logprobs: StrictBool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = None
+
+    HTTP_NAMES: ClassVar[dict] = {**_Common.HTTP_NAMES, "logprobs": "top_logprobs"}
+
+    def max_length(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -158,6 +171,21 @@ class ChatCompletionRequest(_Common):
 
     def plain_messages(self) -> list[dict]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+def validation_error(errors: list[dict], names: dict | None = None) -> APIError:
+    """A 400 listing pydantic's errors, each under the request's own field name (``names``:
+    a validated model's field -> the request's, where they differ)."""
+    parts, params = [], []
+    for e in errors:
+        loc = [names.get(x, x) if names else x for x in e.get("loc", ()) if x != "body"]
+        loc = ".".join(str(x) for x in loc)
+        msg = str(e.get("msg")).removeprefix("Value error, ")
+        for ours, theirs in (names or {}).items():
+            msg = msg.replace(ours, theirs)
+        params.append(loc)
+        parts.append(f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg)
+    return APIError(400, "invalid request body: " + "; ".join(parts), param=params[0] if params else None)
 
 
 def text_problem(text: str) -> str | None:
@@ -243,22 +271,22 @@ def chat_logprobs(entries: list[dict] | None) -> dict | None:
     return {"content": [{**item(e), "top_logprobs": [item(a) for a in e["top_logprobs"]]} for e in entries]}
 
 
-def completion_body(rid: str, model: str, outputs: list[StreamChunk]) -> dict:
+def completion_body(rid: str, model: str, outputs: list[tuple[Delta, Final]]) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": o.text, "logprobs": completion_logprobs(o.logprobs),
-                     "finish_reason": o.finish_reason} for i, o in enumerate(outputs)],
-        "usage": usage(sum(o.num_prompt_tokens for o in outputs), sum(len(o.token_ids) for o in outputs),
-                       sum(o.num_cached_tokens for o in outputs)),
+        "choices": [{"index": i, "text": delta.text, "logprobs": completion_logprobs(delta.logprobs),
+                     "finish_reason": final.finish_reason} for i, (delta, final) in enumerate(outputs)],
+        "usage": usage(sum(f.usage.prompt_tokens for _, f in outputs), sum(f.usage.completion_tokens for _, f in outputs),
+                       sum(f.usage.cached_tokens for _, f in outputs)),
     }
 
 
-def chat_body(rid: str, model: str, out: StreamChunk) -> dict:
+def chat_body(rid: str, model: str, delta: Delta, final: Final) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                     "logprobs": chat_logprobs(out.logprobs), "finish_reason": out.finish_reason}],
-        "usage": usage(out.num_prompt_tokens, len(out.token_ids), out.num_cached_tokens),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": delta.text},
+                     "logprobs": chat_logprobs(delta.logprobs), "finish_reason": final.finish_reason}],
+        "usage": usage(final.usage.prompt_tokens, final.usage.completion_tokens, final.usage.cached_tokens),
     }
 
 

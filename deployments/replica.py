@@ -1,12 +1,13 @@
 """The replica: one LLMModel (target + optional PARD draft) pinned to one NUMA slot,
 serving one request at a time. The model lives in the replica's engine process
 (:mod:`deployments.engine_process`), so Serve's own threads never share a GIL with
-the decoding loop; this actor only claims the slot, relays requests and streams.
+the decoding loop; this actor only claims the slot and relays requests and their events
+(pace_core.outputs: Delta ..., then a Final or a Failed) between the router and its engine.
 
 A dead engine costs one request: the replica watches its engine process (a pidfd on
 the event loop), so it notices the death at once, not at the next health check. The
-request that was on the engine fails (:class:`EngineError`; the router answers a 500,
-or an SSE error event once streaming began), and a new engine starts on the same slot
+request that was on the engine ends with a Failed of kind ``engine`` (the router answers
+a 500, or an SSE error event once streaming began), and a new engine starts on the same slot
 (the slot stays claimed). Requests that arrive meanwhile wait for it. If it cannot
 start, the replica process exits: a replica without an engine would look idle to
 Serve's routing and draw every request, so it makes way instead; its waiting requests
@@ -15,7 +16,7 @@ starts a new replica. The health check fails only while the replica has no engin
 
 A stalled engine (no message within ``engine_step_timeout_s`` while it serves a
 request: a step, or the prefill, that does not end; a stopped process) is killed, its
-request fails with a clean error, the health check fails, and the replica process
+request ends with a Failed of kind ``engine``, the health check fails, and the replica process
 exits: Serve replaces it, and the router's /health reports it until the replacement
 serves. (Not restarted in place: a stall may be the host's or the slot's, and the exit
 is what makes it visible to Serve.)"""
@@ -28,7 +29,7 @@ import time
 
 from ray import serve
 
-from pace_core.outputs import StreamChunk
+from pace_core.outputs import Delta, Failed, Final
 
 from .args import AppArgs
 from .engine_process import EngineError, EngineProcess, EngineStalled, EngineUnavailable
@@ -82,11 +83,8 @@ class LLMReplica:
             self.slot.membind = self.engine.info.get("membind") or self.slot.membind
         self.stream_interval_s = args.stream_interval_ms / 1000
         self.step_timeout_s = args.engine_step_timeout_s
-        self.requests_served = 0
-        self.tokens_generated = 0
-        self.last_request: dict = {}  # tokens generated and finish reason of the latest request
-        # the engine's prefix-cache stats (as of its latest request; None: no cache)
-        self.prefix_cache: dict | None = self.engine.info.get("prefix_cache")
+        # the engine's facts (model, pinning, counts, prefix cache), as of its latest Final
+        self.engine_facts: dict = dict(self.engine.info)
         logger.info("replica pid %d: engine pid %d loaded %s in %.1fs; slot %s", os.getpid(), self.engine.pid,
                     args.model.model_name_or_path, self.load_s, self.slot.to_dict() if self.slot else "none (not pinned)")
 
@@ -97,7 +95,7 @@ class LLMReplica:
         replica (the engine's parent-death signal follows the thread that started it)."""
         t0 = time.perf_counter()
         engine = EngineProcess(self.args.model, self.slot.slot if self.slot else None, wait=False,
-                               first_chunk_pause_s=self.args.first_chunk_pause_ms / 1000)
+                               first_chunk_pause_s=self.args.first_chunk_pause_ms / 1000, start=self.engine_starts + 1)
         try:
             await _readable(engine.fileno())
             engine.wait_ready()
@@ -107,6 +105,7 @@ class LLMReplica:
         self.load_s = time.perf_counter() - t0
         self.engine_starts += 1
         self.engine = engine
+        self.engine_facts = dict(engine.info)
         self._watch(engine)
 
     def _watch(self, engine: EngineProcess) -> None:
@@ -149,10 +148,10 @@ class LLMReplica:
 
     # ------------------------------------------------------------------ requests
     async def stream(self, request: dict):
-        """Yield StreamChunks as tokens are accepted (chunks the transport had no time to
-        send yet go out together, joined); a user error yields one {"error": message}.
-        Raises EngineUnavailable (nothing started: retry elsewhere) or EngineError (the
-        engine died under this request)."""
+        """The request's events, as its engine sends them (pace_core.outputs): Deltas (those
+        the transport had no time to send yet go out joined), then its Final, or a Failed
+        (the engine's, or ``engine`` when the engine process died or stalled under it).
+        Raises EngineUnavailable when nothing started (the router retries elsewhere)."""
         async with self._busy:
             if self.engine is None and self._restarting is not None:
                 await asyncio.shield(self._restarting)  # a new engine is loading: wait for it
@@ -160,7 +159,6 @@ class LLMReplica:
             if engine is None:  # not expected: a replica whose engine cannot restart exits
                 raise EngineUnavailable("this replica has no engine")
             rid = request.get("request_id")
-            self.last_request = {"tokens": 0, "finish_reason": None}
             ended = False
             try:
                 engine.send(("generate", request))
@@ -168,55 +166,43 @@ class LLMReplica:
                 while not ended:
                     ready = await self._take_ready(engine, next_send)
                     next_send = asyncio.get_running_loop().time() + self.stream_interval_s
-                    chunks = []
-                    for kind, payload in ready:
-                        if kind == "user_error":
-                            ended = True
-                            yield {"error": payload}
-                        elif kind == "chunk":
-                            chunks.append(payload)
-                            self._count(payload)
-                        elif kind == "end":
-                            ended = True
-                            if payload is not None:
-                                logger.error("request %s failed in the engine: %s", rid, payload)
-                                raise RuntimeError(f"request {rid} failed in the engine (see the replica's log)")
-                    if chunks:
-                        yield StreamChunk.join(chunks)
+                    deltas = [event for event in ready if isinstance(event, Delta)]
+                    if deltas:
+                        yield Delta.join(deltas)
+                    if not isinstance(ready[-1], Delta):
+                        ended = True
+                        yield self._ended(ready[-1], rid)
             except EngineStalled as err:
                 ended = True
                 self._stalled(engine, rid, err)
-                raise EngineError(f"request {rid}: {err}; the engine was stopped and its replica is being "
-                                  "replaced") from None
+                yield Failed("engine", f"request {rid}: {err}; the engine was stopped and its replica is being replaced")
             except EngineError as err:
                 ended = True
                 logger.error("request %s: %s", rid, err)
                 self._engine_gone(engine)
                 engine.close()
-                raise EngineError(f"the engine process stopped while serving request {rid}; it is restarting") from None
+                yield Failed("engine", f"the engine process stopped while serving request {rid}; it is restarting")
             finally:
-                # normal end, or the caller went away (cancellation): the engine stops
-                # after its current step, and the replica is free once it has
+                # the caller went away (cancellation) before the end: the engine stops after
+                # its current step, and the replica is free once it has
                 if not ended:
                     try:
                         engine.send(("stop", None))
-                        while not ended:
-                            kind, payload = await self._recv(engine)
-                            ended = kind in ("end", "user_error")
+                        while isinstance(await self._recv(engine), Delta):
+                            pass
                     except EngineStalled as err:
                         self._stalled(engine, rid, err)
                     except EngineError:
                         self._engine_gone(engine)
                         engine.close()
-                self.requests_served += 1
 
-    def _count(self, chunk: StreamChunk) -> None:
-        self.last_request["tokens"] += len(chunk.token_ids)
-        self.last_request["finish_reason"] = chunk.finish_reason
-        self.last_request["cached_tokens"] = chunk.num_cached_tokens
-        self.tokens_generated += len(chunk.token_ids)
-        if chunk.engine:
-            self.prefix_cache = chunk.engine["prefix_cache"]
+    def _ended(self, event: Final | Failed, rid) -> Final | Failed:
+        """A request's last event: note the engine's facts, log an engine failure."""
+        if isinstance(event, Final):
+            self.engine_facts = event.engine
+        elif event.kind == "engine":
+            logger.error("request %s failed in the engine: %s", rid, event.message)
+        return event
 
     def _stalled(self, engine: EngineProcess, rid, err: Exception) -> None:
         """The engine made no progress within the step bound: kill it (a stopped or
@@ -242,11 +228,11 @@ class LLMReplica:
         return engine.recv()
 
     async def _take_ready(self, engine, not_before: float) -> list:
-        """At least one message; then every one already there, and those arriving until
-        the loop time ``not_before``, stopping at the end of the request."""
+        """At least one event; then every one already there, and those arriving until the
+        loop time ``not_before``, stopping at the end of the request."""
         loop = asyncio.get_running_loop()
         ready = [await self._recv(engine)]
-        while ready[-1][0] == "chunk":
+        while isinstance(ready[-1], Delta):
             if engine.poll():
                 ready.append(engine.recv())
                 continue
@@ -259,26 +245,22 @@ class LLMReplica:
                 break
         return ready
 
-    async def generate(self, request: dict):
-        """The whole output at once: one StreamChunk (or the {"error": message} of a user error)."""
-        chunks = []
-        async for chunk in self.stream(request):
-            if isinstance(chunk, dict):
-                return chunk
-            chunks.append(chunk)
-        return StreamChunk.join(chunks)
+    async def generate(self, request: dict) -> list:
+        """The whole output at once: [the joined Delta (if any), then the Final or Failed]."""
+        events = [event async for event in self.stream(request)]
+        deltas = [event for event in events if isinstance(event, Delta)]
+        return ([Delta.join(deltas)] if deltas else []) + [event for event in events if not isinstance(event, Delta)]
 
     def info(self) -> dict:
+        """This replica and its engine, for operations (a direct call through the
+        LLMReplica deployment's handle takes the replica's request slot; the router's
+        info() does not call it)."""
         return {
-            **(self.engine.info if self.engine else {"engine_pid": None}),  # engine_pid, model, dtype, forward, ...
+            **(self.engine_facts if self.engine else {"engine_pid": None}),
             "replica_pid": os.getpid(),
             "slot": self.slot.to_dict() if self.slot else None,
             "load_s": self.load_s,
             "engine_starts": self.engine_starts,
-            "requests_served": self.requests_served,
-            "tokens_generated": self.tokens_generated,
-            "last_request": dict(self.last_request),
-            "prefix_cache": self.prefix_cache,  # hits, cached (prefill-saved) tokens, blocks, bytes, budget
         }
 
     def check_health(self) -> None:

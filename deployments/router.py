@@ -1,7 +1,9 @@
 """The ingress: OpenAI-compatible HTTP (FastAPI) and the same operations as Python
 handle methods. It validates, admits (bounded queue), forwards to a free replica and
-formats; it does no model math."""
+formats the generation's events (pace_core.outputs: Delta ..., then a Final or a
+Failed); it does no model math. The app runs ``router_replicas`` of it."""
 import asyncio
+import contextvars
 import hmac
 import json
 import logging
@@ -16,7 +18,16 @@ from ray import serve
 from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pace_core.outputs import StreamChunk
+from pace_core.outputs import (
+    DeadlineExceeded,
+    Delta,
+    EngineFailure,
+    Failed,
+    Final,
+    GenerationError,
+    Overloaded,
+    RequestError,
+)
 
 from . import NODE_ENV
 from .args import AppArgs
@@ -36,6 +47,7 @@ from .protocol import (
     new_id,
     plain_messages,
     usage_chunk,
+    validation_error,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -63,15 +75,20 @@ def _error_response(err: APIError, headers: dict | None = None) -> JSONResponse:
     return _JSON(err.body(), status_code=err.status, headers=headers)
 
 
-def _internal_error(rid: str) -> APIError:
-    """A server fault, as the client sees it: no detail (that goes to the log, under the same id)."""
-    return APIError(500, f"internal server error (request id {rid}); the details are in the server's log. "
-                         "Retry the request.", code="internal_error", type_="server_error")
+def _internal_message(rid: str) -> str:
+    """A server fault, as its caller sees it: no detail (that goes to the log, under the same id)."""
+    return f"internal server error (request id {rid}); the details are in the server's log. Retry the request."
 
 
-def _handle_error(err: APIError) -> Exception:
-    """A handle call's exception for ``err``: TimeoutError for the deadline, else ValueError."""
-    return (TimeoutError if err.status == 504 else ValueError)(err.message)
+def _api_error(err: GenerationError, rid: str) -> APIError:
+    """The HTTP answer to a generation that could not be done."""
+    if isinstance(err, RequestError):
+        return APIError(400, str(err))
+    if isinstance(err, Overloaded):
+        return APIError(503, str(err), code="overloaded", type_="server_error")
+    if isinstance(err, DeadlineExceeded):
+        return APIError(504, str(err), code="timeout", type_="server_error")
+    return APIError(500, _internal_message(rid), code="internal_error", type_="server_error")
 
 
 def _not_started(err: Exception) -> bool:
@@ -86,15 +103,6 @@ def _log_count_failure(question: asyncio.Future) -> None:
     if not question.cancelled() and question.exception() is not None:
         logger.warning("could not count the running replicas; admission goes on with the last count",
                        exc_info=question.exception())
-
-
-def _validation_error(errors: list[dict]) -> APIError:
-    parts, params = [], []
-    for e in errors:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        params.append(loc)
-        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
-    return APIError(400, "invalid request body: " + "; ".join(parts), param=params[0] if params else None)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -124,12 +132,12 @@ async def _parse(request: Request, model, limit: int):
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise _validation_error(err.errors()) from None
+        raise validation_error(err.errors()) from None
 
 
 @app.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError):
-    return _error_response(_validation_error(exc.errors()))
+    return _error_response(validation_error(exc.errors()))
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -141,7 +149,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 async def _unexpected(request: Request, exc: Exception):
     rid = new_id("req")
     logger.error("request %s failed", rid, exc_info=exc)
-    return _error_response(_internal_error(rid))
+    return _error_response(_api_error(EngineFailure(), rid))
 
 
 class _HeaderLimit:
@@ -169,26 +177,147 @@ def _session(session_id) -> dict:
     return {"session_id": str(session_id)} if session_id else {}
 
 
+def _log_timing(request_id: str, final: Final, ttft_s: float, router_s: float, sent_at: float) -> None:
+    """One log line per finished generation: where the time to its first token went, in
+    ms. ``router``: here before the call to a replica (checks, admission); ``to_engine``:
+    from that call to the engine beginning the request (waiting for a replica, the hops
+    there; wall clocks of two processes); then the engine's ``prepare`` (tokenizing or
+    templating), ``kv_load`` (reusing the cached prefix's KV), ``first_step`` (the
+    prefill of the uncached tokens with the first proposals) and ``engine_other``; and
+    ``back``, the first tokens' way back here. benchmarks/multi_turn.py reads these."""
+    stats = final.stats
+    to_engine = stats.started_at - sent_at
+    engine_ttft = stats.time_to_first_token_s
+    ms = {"ttft": ttft_s, "router": router_s, "to_engine": to_engine, "prepare": stats.prepare_s,
+          "kv_load": stats.prefix_cache_load_s, "first_step": stats.first_step_s,
+          "engine_other": engine_ttft - stats.prefix_cache_load_s - stats.first_step_s,
+          "back": ttft_s - router_s - to_engine - stats.prepare_s - engine_ttft}
+    fields = {k: round(1000 * v, 2) for k, v in ms.items()}
+    fields.update(request_id=request_id, prompt_tokens=final.usage.prompt_tokens,
+                  cached_tokens=final.usage.cached_tokens,
+                  arrived_at=round(sent_at - router_s, 4))  # wall clock: the HTTP proxy's part, in and out
+    logger.info("timing %s", json.dumps(fields))
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
+
+
+class _Generation:
+    """One generation a replica runs for the router: its events (Deltas, then the Final)
+    as they come, ending with the metrics, the timing line and the end of its admission;
+    a Failed raises its GenerationError; leaving early (the client gone, the deadline)
+    cancels it on the replica, which stops after the current step."""
+
+    def __init__(self, router: "Router", request: dict, arrived: float):
+        self.router, self.request, self.rid = router, request, request["request_id"]
+        self.arrived, self.sent, self.sent_at = arrived, arrived, 0.0
+        self.response = None  # the replica's (streamed or unary) response
+        self.first = None  # its first event; unary: its whole result, [Delta, Final] or [Failed]
+        self.ttft: float | None = None  # streamed: when the first event came
+
+    async def start(self, deadline: float | None, stream: bool) -> None:
+        """Until the replica's first event (the whole result, unary), on another replica
+        while the one tried failed before starting it (:func:`_not_started`)."""
+        router = self.router
+        self.sent = time.perf_counter()
+        for attempt in range(RETRIES + 1):
+            timeout = None
+            try:
+                self.sent_at = time.time()
+                async with asyncio.timeout_at(deadline) as timeout:
+                    if stream:
+                        self.response = router.replica.options(stream=True).stream.remote(self.request)
+                        self.first = await self.response.__anext__()
+                    else:
+                        self.response = router.replica.generate.remote(self.request)
+                        self.first = await self.response
+                if stream:
+                    self.ttft = time.perf_counter() - self.arrived
+                elif isinstance(self.first[-1], Failed):  # raised at once: a request's other prompts stop
+                    raise router.failure(self.first[-1], self.rid)
+                return
+            except GenerationError:
+                raise
+            except BaseException as err:
+                if self.response is not None:
+                    self.response.cancel()  # awaiting a response does not cancel it by itself
+                if isinstance(err, TimeoutError) and timeout is not None and timeout.expired():
+                    raise router.timed_out() from None
+                if attempt == RETRIES or not _not_started(err):
+                    raise
+                logger.warning("request %s: its replica failed before starting it (%s); retrying on another",
+                               self.rid, type(err).__name__)
+                await asyncio.sleep(0.1 * 3 ** attempt)
+
+    async def events(self, deadline: float | None):
+        """The streamed events, Deltas then the Final; records the generation once done."""
+        router, tokens, final, done = self.router, 0, None, False
+        try:
+            event = self.first
+            while True:
+                if isinstance(event, Failed):
+                    raise router.failure(event, self.rid)
+                yield event
+                if isinstance(event, Final):
+                    final = event
+                    async for _ in self.response:  # its end: the replica is free (as the request router counts) from here
+                        pass
+                    break
+                tokens += len(event.token_ids)
+                try:
+                    async with asyncio.timeout_at(deadline) as timeout:
+                        event = await self.response.__anext__()
+                except StopAsyncIteration:
+                    raise EngineFailure(f"request {self.rid}: the replica's stream ended without a Final") from None
+                except TimeoutError:
+                    if timeout.expired():
+                        raise router.timed_out() from None
+                    raise
+            done = True
+        finally:
+            if not done:
+                self.response.cancel()
+            self.record(final, tokens)
+
+    def result(self) -> tuple[Delta, Final]:
+        """The unary result (:meth:`start` with stream=False): the joined Delta and the Final."""
+        *deltas, end = self.first
+        self.record(end, end.usage.completion_tokens)
+        return (deltas[0] if deltas else Delta([], "")), end
+
+    def record(self, final: Final | None, tokens: int) -> None:
+        e2e = time.perf_counter() - self.arrived
+        ttft = self.ttft
+        if ttft is None and final is not None:  # unary: the engine's time from its first token to its end, less
+            ttft = e2e - (final.stats.total_time_s - final.stats.time_to_first_token_s)
+        self.router.generation_done(final, tokens, ttft, e2e)
+        if final is not None:
+            _log_timing(self.rid, final, ttft, self.sent - self.arrived, self.sent_at)
 
 
 @serve.deployment(max_ongoing_requests=1024, num_replicas=1, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Router:
-    def __init__(self, replica, args: dict):
-        # by value over gRPC, not through Ray's object store: each streamed chunk is one
+    def __init__(self, replica, args: dict, model_card: dict | None = None):
+        # by value over gRPC, not through Ray's object store: each streamed event is one
         # small message (alone within noise, +11% vs +12%; with the proxy also on gRPC,
         # NODE_ENV, the HTTP overhead measured +4..10%: README, Serving)
         self.replica = replica.options(_by_reference=False)
         self.args = AppArgs(**args)
         self.model_name = self.args.served_model_name
+        self.model_card = model_card or {}  # deployments.app.model_card: what /v1/models says of the model
+        self.created = int(time.time())
         self.api_key = self.args.resolved_api_key()
         self.metrics = Metrics(self.model_name)
         self.metrics.running_capacity = 0  # until Serve is asked (Router._admit)
+        # the app's running router replicas, as Serve last counted them (until then, as many
+        # as configured: each admits its share, never more)
+        self.routers = self.args.router_replicas
         self._capacity_checked_at = -CAPACITY_TTL_S  # monotonic time of the last running-replica count
         self._capacity_check: asyncio.Future | None = None
-        self._replica_info: dict | None = None
+        self.replicas_seen: dict[int, dict] = {}  # replica pid -> its engine's facts, from its latest Final here
+        self.deployment_name = serve.get_replica_context().deployment  # the routers' own, whose replicas it counts
         missing = " ".join(f"{k}={v}" for k, v in NODE_ENV.items() if os.environ.get(k) != v)
         if missing:
             logger.info("tip: start Ray with %s (`%s serve run serve_config.yaml`, or `python -m cluster.start_node`): "
@@ -209,32 +338,35 @@ class Router:
             raise APIError(400, f"model {model!r} is not served here: use {self.model_name!r} (see /v1/models)",
                            param="model", code="model_not_found")
 
-    def _sampling(self, body) -> dict:
-        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        sampling = body.sampling(self.args.default_max_tokens, max_tokens)
-        return {"sampling": sampling, "max_tokens_is_default": max_tokens is None}
-
     async def _admit(self, n: int = 1) -> None:
-        """Count ``n`` generations in flight, or refuse them all (503 + Retry-After) when
-        the requests waiting for a replica (in flight beyond the running replicas, which
-        take one each) would pass max_queued_requests. Checked and counted in one step,
-        so a burst is bounded exactly; Serve's own max_queued_requests is not used: its
-        count leaves out requests in a send-and-reject round trip with a busy replica,
-        and a burst of 14 on 2 replicas with a bound of 8 was queued whole.
-        The running replicas are Serve's count, asked again in the background once older
-        than CAPACITY_TTL_S; a request waits for a fresh count only before a refusal (so
-        a replica that autoscaling just added is never missed)."""
-        limit = self.args.max_queued_requests
+        """Count ``n`` generations in flight, or refuse them all (Overloaded: a 503 with
+        Retry-After) when the requests waiting for a replica would pass this router's
+        share of max_queued_requests. With R router replicas, each admits against 1/R of
+        the running replicas and 1/R of the bound, so that together they never queue
+        more than max_queued_requests (Serve's proxy spreads requests evenly over them;
+        a skewed spread refuses a little early, never late). Checked and counted in one
+        step, so a burst is bounded exactly; Serve's own max_queued_requests is not used:
+        its count leaves out requests in a send-and-reject round trip with a busy
+        replica, and a burst of 14 on 2 replicas with a bound of 8 was queued whole.
+        The counts are Serve's, asked again in the background once older than
+        CAPACITY_TTL_S; a request waits for a fresh count only before a refusal (so a
+        replica that autoscaling just added is never missed)."""
         self._count_replicas(CAPACITY_TTL_S)
-        if self.metrics.waiting(n) > limit:
+        if self._waiting(n) > self._bound():
             question = self._count_replicas(max_age_s=0.1)
             if question is not None:
                 await asyncio.wait([question])  # a failure is logged; the last count stands
-            if self.metrics.waiting(n) > limit:
-                raise APIError(503, f"server busy: every replica is busy and {limit} requests are waiting (app "
-                                    "argument max_queued_requests); retry later", code="overloaded",
-                               type_="server_error")
+            if self._waiting(n) > self._bound():
+                raise Overloaded(f"server busy: every replica is busy and {self.args.max_queued_requests} requests are "
+                                 "waiting (app argument max_queued_requests); retry later")
         self.metrics.in_flight += n
+
+    def _waiting(self, n: int) -> float:
+        """This router's requests waiting for a replica with ``n`` more: in flight beyond its share of the running ones."""
+        return self.metrics.in_flight + n - self.metrics.running_capacity / self.routers
+
+    def _bound(self) -> float:
+        return self.args.max_queued_requests / self.routers
 
     def _count_replicas(self, max_age_s: float) -> asyncio.Future | None:
         """Ask Serve for the running replicas (:meth:`_replicas_problem`) if the last
@@ -254,9 +386,21 @@ class Router:
         timeout = self.args.request_timeout_s
         return None if timeout is None else asyncio.get_running_loop().time() + timeout
 
-    def _timed_out(self) -> APIError:
-        return APIError(504, f"the request did not finish within {self.args.request_timeout_s:g} s (app argument "
-                             "request_timeout_s); its generation was stopped", code="timeout", type_="server_error")
+    def timed_out(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"the request did not finish within {self.args.request_timeout_s:g} s (app argument "
+                                "request_timeout_s); its generation was stopped")
+
+    def failure(self, failed: Failed, rid: str) -> GenerationError:
+        """The error a Failed event raises here; an engine's is logged, its caller sees the request id only."""
+        if failed.kind == "engine":
+            logger.error("request %s failed: %s", rid, failed.message)
+            return EngineFailure(_internal_message(rid))
+        return failed.error()
+
+    def generation_done(self, final: Final | None, tokens: int, ttft: float | None, e2e: float) -> None:
+        self.metrics.generation_done(final, tokens, ttft, e2e)
+        if final is not None and final.engine.get("replica_pid"):
+            self.replicas_seen[final.engine["replica_pid"]] = final.engine
 
     async def _route(self, route: str, request: Request, fn, prefix: str = "req"):
         """Run ``fn(request_id)``: its response, or the error response; 500s say only the
@@ -267,9 +411,11 @@ class Router:
             response = await fn(rid)
         except APIError as err:
             response = _error_response(err)
+        except GenerationError as err:
+            response = _error_response(_api_error(err, rid))
         except Exception:  # a replica or engine failed: not the client's fault
             logger.exception("request %s failed", rid)
-            response = _error_response(_internal_error(rid))
+            response = _error_response(_api_error(EngineFailure(), rid))
         response.headers["X-Request-Id"] = rid
         self.metrics.request_done(route, response.status_code)
         return response
@@ -283,125 +429,56 @@ class Router:
         check_generation_request(request, self.args.max_prompt_chars)
         return {"request_id": new_id("req"), **request}
 
-    async def _until_started(self, request: dict, start):
-        """``await start()``, tried again on another replica (up to RETRIES times) while
-        the failure says the request never started (:func:`_not_started`)."""
-        for attempt in range(RETRIES + 1):
-            try:
-                return await start()
-            except Exception as err:
-                if attempt == RETRIES or not _not_started(err):
-                    raise
-                logger.warning("request %s: its replica failed before starting it (%s); retrying on another",
-                               request["request_id"], type(err).__name__)
-                await asyncio.sleep(0.1 * 3 ** attempt)
-
-    async def _generate(self, request: dict) -> StreamChunk:
-        """One unary generation on a free replica; raises APIError on user errors."""
+    async def _generate(self, request: dict) -> tuple[Delta, Final]:
+        """One unary generation on a free replica."""
         return (await self._generate_all([request]))[0]
 
-    async def _generate_all(self, requests: list[dict]) -> list[StreamChunk]:
+    async def _generate_all(self, requests: list[dict]) -> list[tuple[Delta, Final]]:
         """Unary generations, admitted as a whole or not at all, run on free replicas at
         once. The first failure (a user error in one of them, a server fault) and a
         cancellation (the client went away) cancel the others at once: their replicas
         stop after the current decode step."""
-        requests = [self._checked(r) for r in requests]
+        arrived = time.perf_counter()
+        generations = [_Generation(self, self._checked(r), arrived) for r in requests]
         deadline = self._deadline()
-        await self._admit(len(requests))
-        tasks = [asyncio.ensure_future(self._generate_one(r)) for r in requests]
+        await self._admit(len(generations))
+        # each prompt's call from a context of its own: calls made in one request's context
+        # share its internal request id, by which Serve's request routers give a replica to
+        # the request it was chosen for (with one id for two waiting calls, one of them never gets one)
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(g.start(deadline, stream=False),
+                                  context=contextvars.Context() if len(generations) > 1 else None) for g in generations]
         try:
-            async with asyncio.timeout_at(deadline) as timeout:
-                return await asyncio.gather(*tasks)
-        except TimeoutError:
-            if timeout.expired():
-                raise self._timed_out() from None
-            raise
+            await asyncio.gather(*tasks)
+            return [g.result() for g in generations]
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._untrack(len(requests))
+            self._untrack(len(generations))
 
-    async def _generate_one(self, request: dict) -> StreamChunk:
-        t0 = time.perf_counter()
-
-        async def start():
-            response = self.replica.generate.remote(request)
-            try:
-                return await response
-            except asyncio.CancelledError:
-                response.cancel()  # awaiting a response does not cancel it by itself
-                raise
-
-        out = await self._until_started(request, start)
-        if isinstance(out, dict):  # a user error
-            raise APIError(400, out["error"])
-        e2e = time.perf_counter() - t0
-        ttft = e2e - (out.stats.total_time_s - out.stats.time_to_first_token_s)
-        self.metrics.generation_done(out.num_prompt_tokens, len(out.token_ids), out.stats, ttft, e2e,
-                                     out.num_cached_tokens)
-        return out
-
-    async def _open_stream(self, request: dict):
-        """Start a streaming generation; returns (first chunk, generator, t0, deadline).
-        User errors surface here, before any response header is sent, as a proper 400
-        (the deadline, as a 504)."""
-        request = self._checked(request)
+    async def _open_stream(self, request: dict) -> tuple[_Generation, float | None]:
+        """Start a streaming generation, until its first event: errors raise here, before
+        any response header is sent (a user error as a 400, the deadline as a 504)."""
+        generation = _Generation(self, self._checked(request), time.perf_counter())
         deadline = self._deadline()
         await self._admit()
-        t0 = time.perf_counter()
-
-        async def start():
-            gen = self.replica.options(stream=True).stream.remote(request)
-            try:
-                return await gen.__anext__(), gen
-            except BaseException:
-                gen.cancel()
-                raise
-
         try:
-            async with asyncio.timeout_at(deadline) as timeout:
-                first, gen = await self._until_started(request, start)
-        except BaseException as err:
+            await generation.start(deadline, stream=True)
+            if isinstance(generation.first, Failed):
+                raise self.failure(generation.first, generation.rid)
+        except BaseException:
             self._untrack()
-            if isinstance(err, TimeoutError) and timeout.expired():
-                raise self._timed_out() from None
             raise
-        if isinstance(first, dict):  # a user error
-            self._untrack()
-            raise APIError(400, first["error"])
-        return first, gen, t0, deadline
+        return generation, deadline
 
-    async def _chunks(self, first, gen, t0, deadline):
-        """All chunks of an open stream; records metrics; on early exit (client gone,
-        deadline passed: APIError 504) cancels the replica's generation, which stops
-        within one decode step."""
-        n_tokens, done, last = 0, False, first
-        ttft = time.perf_counter() - t0
+    async def _events(self, generation: _Generation, deadline: float | None):
+        """An open stream's events until its Final, the admission released at its end."""
         try:
-            chunk = first
-            while True:
-                n_tokens += len(chunk.token_ids)
-                last = chunk
-                yield chunk
-                if chunk.finish_reason:
-                    break
-                try:
-                    async with asyncio.timeout_at(deadline) as timeout:
-                        chunk = await gen.__anext__()
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    if timeout.expired():
-                        raise self._timed_out() from None
-                    raise
-            done = True
+            async for event in generation.events(deadline):
+                yield event
         finally:
-            if not done:
-                gen.cancel()
             self._untrack()
-            self.metrics.generation_done(first.num_prompt_tokens, n_tokens, last.stats if last.finish_reason else None,
-                                         ttft, time.perf_counter() - t0, first.num_cached_tokens)
 
     # ------------------------------------------------------------------ HTTP
     @app.get("/health")
@@ -416,12 +493,14 @@ class Router:
 
     def _replicas_problem(self) -> str | None:
         """Why the replicas cannot serve (None: they can), as Serve's controller sees
-        them; also refreshes the running-replica count behind pace_queue_depth."""
+        them; also refreshes the running replicas and routers admission divides by."""
         app_status = serve.status().applications.get(self.replica.app_name)
         status = app_status and app_status.deployments.get(self.replica.deployment_name)
         if status is None:
             return "the replicas are not deployed"
         self.metrics.running_capacity = status.replica_states.get("RUNNING", 0)
+        routers = app_status.deployments.get(self.deployment_name)
+        self.routers = max(1, routers.replica_states.get("RUNNING", 0) if routers else 1)
         self._capacity_checked_at = time.monotonic()
         if status.status in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
             return None
@@ -436,12 +515,12 @@ class Router:
     @app.get("/v1/models")
     async def models(self, request: Request):
         async def fn(rid):
-            info = await self._info()
+            card = self.model_card
             return _JSON({"object": "list", "data": [{
-                "id": self.model_name, "object": "model", "created": int(time.time()), "owned_by": "pace-serve",
-                "max_model_len": info.get("max_context"), "root": self.model_name,  # no server paths
-                "speculative_decoding": "pard" if info.get("draft") else None,
-                "num_speculative_tokens": info.get("num_speculative_tokens")}]})
+                "id": self.model_name, "object": "model", "created": self.created, "owned_by": "pace-serve",
+                "max_model_len": card.get("max_context"), "root": self.model_name,  # no server paths
+                "speculative_decoding": "pard" if card.get("num_speculative_tokens") else None,
+                "num_speculative_tokens": card.get("num_speculative_tokens")}]})
         return await self._route("/v1/models", request, fn)
 
     @app.post("/v1/completions")
@@ -451,10 +530,9 @@ class Router:
             body.refuse_unsupported()
             self._check_model(body.model)
             prompts = body.prompts()
-            common = {**self._sampling(body), "request_id": rid}
+            common = {"sampling": body.sampling(), "request_id": rid}
             if len(prompts) == 1:  # several prompts are siblings, not one session's turns
                 common.update(_session(request.headers.get("x-session-id") or body.user))
-            model = self.model_name
             if body.stream:
                 if len(prompts) != 1:
                     raise APIError(400, "streaming takes one prompt per request", "prompt")
@@ -464,8 +542,8 @@ class Router:
                 raise APIError(400, f"the request has {len(prompts)} prompts; this server takes at most {limit} per "
                                     "request (app argument max_prompts_per_request): send them in several requests",
                                "prompt", code="too_many_prompts")
-            outs = await self._generate_all([{"prompt": p, **common} for p in prompts])
-            return _JSON(completion_body(rid, model, outs))
+            results = await self._generate_all([{"prompt": p, **common} for p in prompts])
+            return _JSON(completion_body(rid, self.model_name, results))
         return await self._route("/v1/completions", request, fn, "cmpl")
 
     @app.post("/v1/chat/completions")
@@ -474,29 +552,27 @@ class Router:
             body = await _parse(request, ChatCompletionRequest, self.args.max_request_bytes)
             body.refuse_unsupported()
             self._check_model(body.model)
-            req = {"messages": body.plain_messages(), **self._sampling(body), "request_id": rid,
+            req = {"messages": body.plain_messages(), "sampling": body.sampling(), "request_id": rid,
                    **_session(request.headers.get("x-session-id") or body.user)}
-            model = self.model_name
             if body.stream:
                 return await self._stream_response("chat", rid, req, body)
-            return _JSON(chat_body(rid, model, await self._generate(req)))
+            return _JSON(chat_body(rid, self.model_name, *await self._generate(req)))
         return await self._route("/v1/chat/completions", request, fn, "chatcmpl")
 
     async def _stream_response(self, kind: str, rid: str, request: dict, body) -> StreamingResponse:
-        """Open the generation (user errors raise here, as a 400) and stream it as SSE."""
-        first, gen, t0, deadline = await self._open_stream(request)
+        """Open the generation (errors raise here, as their status) and stream it as SSE."""
+        generation, deadline = await self._open_stream(request)
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(self._sse_events(kind, rid, first, gen, t0, deadline, usage),
+        return StreamingResponse(self._sse_events(kind, rid, generation, deadline, usage),
                                  media_type="text/event-stream")
 
-    async def _sse_events(self, kind: str, rid: str, first, gen, t0, deadline, include_usage: bool):
-        """OpenAI's chunk format for ``kind`` "completion" or "chat": text chunks, a final
-        chunk with the finish reason, optionally a usage chunk, then [DONE]. A server
-        fault or the deadline after the first chunk ends the stream with an error event
-        in OpenAI's error shape, then [DONE]."""
-        model, created, n, finish = self.model_name, int(time.time()), 0, None
+    async def _sse_events(self, kind: str, rid: str, generation: _Generation, deadline, include_usage: bool):
+        """OpenAI's chunk format for ``kind`` "completion" or "chat": a chunk per Delta,
+        a final chunk with the finish reason, optionally a usage chunk, then [DONE]. A
+        failure after the first event ends the stream with an error event in OpenAI's
+        error shape, then [DONE]."""
+        model, created = self.model_name, int(time.time())
         chat = kind == "chat"
-
         offset = 0  # the token strings' length so far: the text_offset of the next logprobs
 
         def piece(text: str, finish_reason, logprobs=None):
@@ -509,34 +585,31 @@ class Router:
         if chat:
             yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
         try:
-            async for chunk in self._chunks(first, gen, t0, deadline):
-                n += len(chunk.token_ids)
-                finish = chunk.finish_reason
-                if chunk.text or chunk.logprobs:
-                    yield piece(chunk.text, None, chunk.logprobs)
-                    offset += sum(len(e["token"]) for e in chunk.logprobs or ())
-        except APIError as err:  # the deadline
-            yield _sse(err.body())
-            yield "data: [DONE]\n\n"
-            return
+            async for event in self._events(generation, deadline):
+                if isinstance(event, Final):
+                    yield piece("", event.finish_reason)
+                    if include_usage:
+                        u = event.usage
+                        yield _sse(usage_chunk(rid, model, created, "chat.completion.chunk" if chat else
+                                               "text_completion", u.prompt_tokens, u.completion_tokens,
+                                               u.cached_tokens))
+                elif event.text or event.logprobs:
+                    yield piece(event.text, None, event.logprobs)
+                    offset += sum(len(e["token"]) for e in event.logprobs or ())
+        except GenerationError as err:
+            if isinstance(err, EngineFailure):
+                self.metrics.stream_error()
+            yield _sse(_api_error(err, rid).body())
         except Exception:
-            logger.exception("request %s failed after its first chunk", rid)
+            logger.exception("request %s failed after its first event", rid)
             self.metrics.stream_error()
-            yield _sse(_internal_error(rid).body())
-            yield "data: [DONE]\n\n"
-            return
-        yield piece("", finish)
-        if include_usage:
-            obj = "chat.completion.chunk" if chat else "text_completion"
-            yield _sse(usage_chunk(rid, model, created, obj, first.num_prompt_tokens, n, first.num_cached_tokens))
+            yield _sse(_api_error(EngineFailure(), rid).body())
         yield "data: [DONE]\n\n"
 
     # ------------------------------------------------------------------ Python handle methods
-    async def _info(self) -> dict:
-        if self._replica_info is None:
-            self._replica_info = await self.replica.info.remote()
-        return self._replica_info
-
+    # The same operations for a DeploymentHandle: results are the events' dicts
+    # (Delta.to_dict, Final.to_dict); a failure raises its pace_core.outputs.GenerationError
+    # (RequestError for bad input, Overloaded, DeadlineExceeded, EngineFailure).
     @staticmethod
     def _sampling_dict(sampling) -> dict:
         if sampling is None:
@@ -544,25 +617,8 @@ class Router:
         if hasattr(sampling, "model_dump"):
             return sampling.model_dump(exclude_unset=True)
         if not isinstance(sampling, dict):
-            raise ValueError(f"sampling must be a SamplingConfig or a dict of its fields (got {type(sampling).__name__})")
+            raise RequestError(f"sampling must be a SamplingConfig or a dict of its fields (got {type(sampling).__name__})")
         return dict(sampling)
-
-    async def generate(self, prompt, sampling=None, session_id=None) -> dict:
-        """handle.generate.remote("def f():", {"max_new_tokens": 32}) -> {"text", "token_ids",
-        "finish_reason", "num_prompt_tokens", "stats"}. Raises ValueError on bad input.
-        ``session_id`` (every method): requests with one go to the same replica when it is free."""
-        try:
-            return (await self._generate({"prompt": prompt, "sampling": self._sampling_dict(sampling),
-                                          **_session(session_id)})).to_dict()
-        except APIError as err:
-            raise _handle_error(err) from None
-
-    async def chat(self, messages: list[dict], sampling=None, session_id=None) -> dict:
-        try:
-            return (await self._generate({"messages": self._messages(messages),
-                                          "sampling": self._sampling_dict(sampling), **_session(session_id)})).to_dict()
-        except APIError as err:
-            raise _handle_error(err) from None
 
     @staticmethod
     def _messages(messages) -> list[dict]:
@@ -570,33 +626,62 @@ class Router:
         try:
             return plain_messages(messages)
         except ValidationError as err:
-            raise _validation_error([{**e, "loc": ("messages", *e["loc"])} for e in err.errors()]) from None
+            raise validation_error([{**e, "loc": ("messages", *e["loc"])} for e in err.errors()]) from None
+
+    def _handle_request(self, sampling, session_id, prompt=None, messages=None) -> dict:
+        request = {"sampling": self._sampling_dict(sampling), **_session(session_id)}
+        if messages is not None:
+            return {**request, "messages": self._messages(messages)}
+        return {**request, "prompt": prompt}
+
+    @staticmethod
+    def _typed(err: Exception) -> Exception:
+        """The exception a handle caller gets: a GenerationError, never a raw one."""
+        if isinstance(err, GenerationError):
+            return err
+        if isinstance(err, APIError):  # the request's checks
+            return RequestError(err.message)
+        rid = new_id("req")
+        logger.error("request %s failed", rid, exc_info=err)
+        return EngineFailure(_internal_message(rid))
+
+    async def _unary(self, **request) -> dict:
+        try:
+            delta, final = await self._generate(self._handle_request(**request))
+        except Exception as err:
+            raise self._typed(err) from None
+        return {**delta.to_dict(), **final.to_dict(), "type": "completion"}
+
+    async def _stream(self, **request):
+        try:
+            generation, deadline = await self._open_stream(self._handle_request(**request))
+            async for event in self._events(generation, deadline):
+                yield event.to_dict()
+        except Exception as err:
+            raise self._typed(err) from None
+
+    async def generate(self, prompt, sampling=None, session_id=None) -> dict:
+        """handle.generate.remote("def f():", {"max_new_tokens": 32}) -> {"type": "completion",
+        "text", "token_ids", "finish_reason", "usage", "stats", "engine"} (+ "logprobs" when
+        asked). ``session_id`` (every method): requests with one go to the same replica when it is free."""
+        return await self._unary(prompt=prompt, sampling=sampling, session_id=session_id)
+
+    async def chat(self, messages: list[dict], sampling=None, session_id=None) -> dict:
+        return await self._unary(messages=messages, sampling=sampling, session_id=session_id)
 
     async def generate_stream(self, prompt, sampling=None, session_id=None):
-        """handle.options(stream=True).generate_stream.remote(prompt, sampling): yields chunk dicts."""
-        async for chunk in self._stream_handle({"prompt": prompt, "sampling": self._sampling_dict(sampling),
-                                                **_session(session_id)}):
-            yield chunk
+        """handle.options(stream=True).generate_stream.remote(prompt, sampling): yields
+        {"type": "delta", "text", "token_ids"} dicts, then one {"type": "final", ...}."""
+        async for event in self._stream(prompt=prompt, sampling=sampling, session_id=session_id):
+            yield event
 
     async def chat_stream(self, messages: list[dict], sampling=None, session_id=None):
-        async for chunk in self._stream_handle({"messages": messages, "sampling": self._sampling_dict(sampling),
-                                                **_session(session_id)}):
-            yield chunk
-
-    async def _stream_handle(self, request: dict):
-        try:
-            if "messages" in request:
-                request = {**request, "messages": self._messages(request["messages"])}
-            first, gen, t0, deadline = await self._open_stream(request)
-        except APIError as err:
-            raise _handle_error(err) from None
-        try:
-            async for chunk in self._chunks(first, gen, t0, deadline):
-                yield chunk.to_dict()
-        except APIError as err:
-            raise _handle_error(err) from None
+        async for event in self._stream(messages=messages, sampling=sampling, session_id=session_id):
+            yield event
 
     async def info(self) -> dict:
-        """Served model, arguments and a replica's info."""
-        return {"served_model_name": self.model_name, "args": self.args.model_dump(),
-                "replica": await self.replica.info.remote(), "in_flight": self.metrics.in_flight}
+        """This router and what it knows of the replicas, asking none of them (their engines'
+        facts as their latest Final here reported them)."""
+        return {"served_model_name": self.model_name, "args": self.args.model_dump(), "model": self.model_card,
+                "router_pid": os.getpid(), "in_flight": self.metrics.in_flight, "routers": self.routers,
+                "replicas": dict(self.replicas_seen)}

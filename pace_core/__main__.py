@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--pard-token", type=int, default=None, help="override the draft config's PARD token id")
     g.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=int, help="default: pace_core's DEFAULT_MAX_NEW_TOKENS, lowered to the "
+                   "room the prompt leaves in the context")
     g.add_argument("--temperature", type=float, default=None,
                    help="0: greedy; > 0 samples (default: the model's generation_config.json, else greedy)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (the same output every time)")
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from pydantic import ValidationError
 
-    from . import LLMModel, ModelLoadError, RequestError, SamplingConfig
+    from . import Final, LLMModel, ModelLoadError, RequestError, SamplingConfig
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
@@ -77,18 +78,21 @@ def main(argv: list[str] | None = None) -> int:
         load_s = time.perf_counter() - t0
         messages = [{"role": "user", "content": prompt}]
         chunks = model.chat(messages, sampling, stream=True) if args.chat else model.stream(prompt, sampling)
-        text, ids, chunk = [], [], None
-        for chunk in chunks:
-            text.append(chunk.text)
-            ids += chunk.token_ids
+        text, ids, final = [], [], None
+        for event in chunks:
+            if isinstance(event, Final):
+                final = event
+                continue
+            text.append(event.text)
+            ids += event.token_ids
             if args.stream and not args.json:
-                print(chunk.text, end="", flush=True)
+                print(event.text, end="", flush=True)
     except (ValidationError, ModelLoadError, RequestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    stats = chunk.stats
+    stats = final.stats
     if args.json:
-        print(json.dumps({"text": "".join(text), "token_ids": ids, "finish_reason": chunk.finish_reason,
+        print(json.dumps({"text": "".join(text), "token_ids": ids, "finish_reason": final.finish_reason,
                           "load_s": load_s, "stats": stats.to_dict()}))
         return 0
     if not args.stream:
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = f"PARD K={k} ({model.speculation_schedule})" if k else "no draft"
     dtype = str(model.dtype).removeprefix("torch.")
     print(f"\n\n--- {len(ids)} tokens in {stats.total_time_s:.3f}s ({stats.tokens_per_s:.1f} tok/s), "
-          f"finish_reason={chunk.finish_reason}, {spec}, dtype={dtype}, weights={model.weight_format}, "
+          f"finish_reason={final.finish_reason}, {spec}, dtype={dtype}, weights={model.weight_format}, "
           f"forward={model.forward_kind}\n"
           f"    steps={stats.steps}  mean accepted/step={stats.mean_accepted_length:.2f}  "
           f"ttft={stats.time_to_first_token_s * 1000:.1f}ms  draft={stats.draft_time_s:.3f}s  "

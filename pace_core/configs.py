@@ -11,6 +11,12 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 MAX_SPECULATIVE_TOKENS = 32
 MAX_LOGPROBS = 5  # most likely alternatives returned per token, as OpenAI's completions API
+# a request that sets no max_new_tokens gets this many, lowered to the room its prompt
+# leaves in the context (the library, handle calls and HTTP alike)
+DEFAULT_MAX_NEW_TOKENS = 256
+MAX_TEMPERATURE = 2.0  # OpenAI's range, for every way in
+MAX_STOP_STRINGS = 4  # OpenAI's: each is searched for at every step
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch's generators take
 # the weights' dtypes: the one list (pace_core.loading.DTYPES maps it to torch's, the
 # command line offers it); "auto": as stored in the checkpoint
 DType = Literal["auto", "bfloat16", "float32", "float16"]
@@ -104,7 +110,9 @@ class SamplingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = 128
+    # None: DEFAULT_MAX_NEW_TOKENS, lowered to the room the prompt leaves in the context
+    # (a length given is refused if it does not fit)
+    max_new_tokens: int | None = None
     min_new_tokens: int = Field(0, validation_alias=AliasChoices("min_new_tokens", "min_tokens"))
     do_sample: bool | None = None
     temperature: float = 0.0
@@ -135,8 +143,8 @@ class SamplingConfig(BaseModel):
 
     @field_validator("max_new_tokens")
     @classmethod
-    def _max_new(cls, v: int) -> int:
-        if v < 1:
+    def _max_new(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
             raise ValueError(f"max_new_tokens must be >= 1 (got {v})")
         return v
 
@@ -150,8 +158,15 @@ class SamplingConfig(BaseModel):
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, v: float) -> float:
-        if not v >= 0:
-            raise ValueError(f"temperature must be >= 0 (got {v}); 0 means greedy")
+        if not 0 <= v <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (got {v}); 0 means greedy")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int | None) -> int | None:
+        if v is not None and not SEED_RANGE[0] <= v <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be in [-2**63, 2**64 - 1] (got {v})")
         return v
 
     @field_validator("top_p")
@@ -218,6 +233,8 @@ class SamplingConfig(BaseModel):
             raise ValueError("stop must be a string or a list of strings")
         if any(s == "" for s in v):
             raise ValueError("stop strings must not be empty")
+        if len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings (got {len(v)})")
         return list(v) or None
 
     @model_validator(mode="after")
@@ -228,7 +245,7 @@ class SamplingConfig(BaseModel):
                              "drop one of them (do_sample=True, or no do_sample, samples)")
         if self.do_sample and "temperature" in given and self.temperature == 0:
             raise ValueError("do_sample=True contradicts temperature=0 (greedy): drop one of them")
-        if self.min_new_tokens > self.max_new_tokens:
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be <= "
                              f"max_new_tokens ({self.max_new_tokens})")
         return self

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .configs import ModelConfig, PardSpecDecodeConfig, SamplingConfig
+from .configs import DEFAULT_MAX_NEW_TOKENS, ModelConfig, PardSpecDecodeConfig, SamplingConfig
 from .decoder import decode
 from .loading import (
     ModelLoadError,
@@ -22,7 +23,7 @@ from .loading import (
     sampling_defaults,
     stop_token_ids,
 )
-from .outputs import GenerationOutput, GenerationStats, StreamChunk
+from .outputs import Delta, Final, GenerationOutput, GenerationStats, RequestError, Usage
 from .prefix_cache import PrefixCache, auto_budget_bytes
 from .runner import CausalLMRunner, make_runner
 from .sampling import Sampler
@@ -30,12 +31,8 @@ from .stopping import OutputBuilder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LLMModel", "PardSpecDecodeConfig", "SamplingConfig", "GenerationOutput", "GenerationStats", "StreamChunk",
-           "PreparedRequest"]
-
-
-class RequestError(ValueError):
-    """A request this model cannot serve as asked (e.g. longer than its context)."""
+__all__ = ["LLMModel", "PardSpecDecodeConfig", "SamplingConfig", "GenerationOutput", "GenerationStats", "Delta",
+           "Final", "RequestError", "PreparedRequest"]
 
 
 @dataclass
@@ -44,6 +41,8 @@ class PreparedRequest:
 
     prompt_ids: list[int]
     sampling: SamplingConfig  # the settings it runs with: the model's defaults filled in
+    started_at: float = 0.0  # wall-clock time at which prepare began
+    prepare_s: float = 0.0  # how long prepare took (tokenizing or templating, checks)
 
 
 class LLMModel:
@@ -133,6 +132,8 @@ class LLMModel:
         self._lock = threading.Lock()
         del target  # packed: the runners hold their own copies
         return_freed_memory()
+        self.requests_served = self.tokens_generated = 0  # since loading
+        self.facts: dict = {}  # a serving process's facts about itself, reported with the model's (facts_now)
         logger.info("loaded %s%s in %.1fs", cfg.model_name_or_path,
                     f" + PARD draft {cfg.pard_config.model_name_or_path}" if self.draft else "", time.perf_counter() - t0)
 
@@ -234,67 +235,87 @@ class LLMModel:
         return list(ids)
 
     def prepare(self, prompt: str | Sequence[int] | None = None, sampling_config: SamplingConfig | dict | None = None,
-                *, messages: list[dict] | None = None, fit_context: bool = False) -> PreparedRequest:
+                *, messages: list[dict] | None = None) -> PreparedRequest:
         """Everything that can be wrong with a request, checked before any generation:
         the prompt encoded (or the chat ``messages`` templated), the sampling settings
         validated with the model's defaults for the fields left unset, the context and
         vocabulary limits. Raises :class:`RequestError` (a ValueError; a dict of bad
-        sampling fields: pydantic's ValidationError, also a ValueError).
-        ``fit_context``: lower ``max_new_tokens`` to the room the context leaves (a server's
-        default length, as vLLM does) instead of refusing the request."""
+        sampling fields: pydantic's ValidationError, also a ValueError). A request that
+        sets no ``max_new_tokens`` gets DEFAULT_MAX_NEW_TOKENS, lowered to the room its
+        prompt leaves in the context (as vLLM); a length it sets must fit."""
+        started_at, t0 = time.time(), time.perf_counter()
         if (prompt is None) == (messages is None):
             raise RequestError("give either a prompt or chat messages")
         prompt_ids = self.apply_chat_template(messages) if messages is not None else self.encode(prompt)
+        if not prompt_ids:  # a text the tokenizer drops entirely (e.g. characters its normalizer removes)
+            raise RequestError("the chat template produced no tokens for these messages" if messages is not None else
+                               "the prompt encodes to zero tokens: this model's tokenizer drops every character of it; "
+                               "send text the tokenizer keeps (or token ids)")
         if isinstance(sampling_config, dict):
             sampling_config = SamplingConfig(**sampling_config)
         sampling = (sampling_config or SamplingConfig()).with_defaults(self.sampling_defaults)
-        for name, limit in (("target", self.max_context), ("draft", self.draft_context if self.draft else None)):
-            if limit and fit_context and len(prompt_ids) < limit:
-                sampling = sampling.model_copy(update={"max_new_tokens": min(sampling.max_new_tokens,
-                                                                             limit - len(prompt_ids))})
-            if limit and len(prompt_ids) + sampling.max_new_tokens > limit:
+        limits = [(name, limit) for name, limit in (("target", self.max_context),
+                                                     ("draft", self.draft_context if self.draft else None)) if limit]
+        if sampling.max_new_tokens is None:
+            room = min([DEFAULT_MAX_NEW_TOKENS] + [limit - len(prompt_ids) for _, limit in limits])
+            if room < 1:
+                name, limit = min(limits, key=lambda x: x[1])
+                raise RequestError(f"the prompt ({len(prompt_ids)} tokens) leaves no room for an answer in the {name}'s "
+                                   f"context length of {limit} tokens: shorten the prompt")
+            sampling = sampling.model_copy(update={"max_new_tokens": room})
+        for name, limit in limits:
+            if len(prompt_ids) + sampling.max_new_tokens > limit:
                 raise RequestError(
                     f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the {name}'s "
                     f"context length of {limit} tokens: shorten the prompt or lower max_new_tokens"
                 )
+        if sampling.min_new_tokens > sampling.max_new_tokens:
+            raise RequestError(f"min_new_tokens ({sampling.min_new_tokens}) must be <= max_new_tokens "
+                               f"({sampling.max_new_tokens}, what the context leaves)")
         vocab = self.target.vocab_limit
         bad = [t for t in (sampling.logit_bias or {}) if t >= vocab]
         if bad:
             raise RequestError(f"logit_bias token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-        return PreparedRequest(prompt_ids, sampling)
+        return PreparedRequest(prompt_ids, sampling, started_at, time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- generation
-    def run(self, request: PreparedRequest) -> Iterator[StreamChunk]:
-        """Generate for a prepared request, yielding chunks as tokens are accepted.
-        Closing the generator stops generation within the current step. One generation
-        at a time: the model has one KV cache (a second one while this one is open raises)."""
+    def run(self, request: PreparedRequest) -> Iterator[Delta | Final]:
+        """Generate for a prepared request: a :class:`Delta` for each step's new output, as
+        tokens are accepted, then one :class:`Final` (finish reason, usage, statistics,
+        :meth:`facts`). Closing the generator stops generation within the current step.
+        One generation at a time: the model has one KV cache (a second one while this one
+        is open raises)."""
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this LLMModel is already generating (one generation at a time: it has one KV cache); "
                                "finish or close the open stream first, or use one LLMModel per thread")
         try:
-            yield from self._decode(request.prompt_ids, request.sampling)
+            yield from self._decode(request)
         finally:
             self._lock.release()
 
-    def _decode(self, prompt_ids: list[int], sampling: SamplingConfig) -> Iterator[StreamChunk]:
+    def _decode(self, request: PreparedRequest) -> Iterator[Delta | Final]:
+        prompt_ids, sampling = request.prompt_ids, request.sampling
         stop_ids = (set() if sampling.ignore_eos else self.stop_token_ids) | set(sampling.stop_token_ids or ())
         out = OutputBuilder(self.tokenizer, sampling.max_new_tokens, stop_token_ids=stop_ids, stop_strings=sampling.stop,
                             skip_special_tokens=sampling.skip_special_tokens, want_text=sampling.return_text)
-        stats = GenerationStats()
+        stats = GenerationStats(started_at=request.started_at, prepare_s=request.prepare_s)
         t0 = time.perf_counter()
         sampler = Sampler(sampling, prompt_ids, self.target.vocab_limit, stop_ids)
+        t_load = time.perf_counter()
         cached = self.prefix_cache.load(prompt_ids, self._runners) if self.prefix_cache else 0
-        stats.num_cached_tokens = cached
+        stats.num_cached_tokens, stats.prefix_cache_load_s = cached, time.perf_counter() - t_load
         steps = decode(self.target, prompt_ids, sampling.max_new_tokens, self.draft, self.num_speculative_tokens,
                        self.pard_token, sampler, adaptive=self.speculation_schedule == "adaptive", cached=cached)
         sequence = list(prompt_ids)  # every token the runners have been given, in order
         failed = False  # a failure mid-forward leaves the runners' caches unfit to keep
+        self.requests_served += 1
         try:
             for step in steps:
                 sequence += step.tokens
-                chunk = out.add(step.tokens)
+                delta = out.add(step.tokens)
+                self.tokens_generated += len(delta.token_ids)
                 stats.steps += 1
-                stats.tokens_per_step.append(len(chunk.token_ids))
+                stats.tokens_per_step.append(len(delta.token_ids))
                 stats.drafts_proposed_per_step.append(step.num_proposed)
                 stats.drafts_accepted_per_step.append(len(step.tokens) - 1)  # the last is the correction or bonus
                 stats.draft_time_s += step.draft_s
@@ -303,12 +324,14 @@ class LLMModel:
                 stats.step_end_s.append(stats.total_time_s)
                 if stats.steps == 1:
                     stats.time_to_first_token_s = stats.total_time_s
-                if chunk.token_ids or chunk.text or chunk.finish_reason:
-                    chunk.stats, chunk.num_prompt_tokens = stats, len(prompt_ids)
+                    stats.first_step_s = step.draft_s + step.target_s
+                if delta.token_ids or delta.text:
                     if step.logprobs is not None:  # the tokens the output kept are a prefix of the step's
-                        chunk.logprobs = self._logprob_dicts(step.logprobs[: len(chunk.token_ids)])
-                    yield chunk
-                if chunk.finish_reason:
+                        delta.logprobs = self._logprob_dicts(step.logprobs[: len(delta.token_ids)])
+                    yield delta
+                if out.finish_reason:
+                    yield Final(out.finish_reason, Usage(len(prompt_ids), len(out.token_ids), cached), stats,
+                                self.facts_now())
                     return
         except GeneratorExit:  # closed at a yield: between steps, the caches are whole
             raise
@@ -320,28 +343,47 @@ class LLMModel:
             if self.prefix_cache and not failed:
                 self.prefix_cache.store(sequence, self._runners)
 
-    def stream(self, prompt: str | Sequence[int], sampling_config: SamplingConfig | None = None) -> Iterator[StreamChunk]:
-        """Chunks as they are accepted (request errors raise here, before any chunk).
+    def facts_now(self) -> dict:
+        """What this model is (and the process serving it: :attr:`facts`), its counts so
+        far and its prefix cache's: every :class:`Final` carries it."""
+        cfg = self.config
+        return {"engine_pid": os.getpid(), "target": cfg.model_name_or_path,
+                "draft": (cfg.pard_config.model_name_or_path if cfg.pard_config else "set after loading")
+                if self.draft else None,
+                "num_speculative_tokens": self.num_speculative_tokens,
+                "speculation_schedule": self.speculation_schedule if self.draft else None,
+                "dtype": str(self.dtype).removeprefix("torch."), "weights": self.weight_format,
+                "draft_weights": self.draft.weight_format if self.draft else None, "forward": self.forward_kind,
+                "max_context": min(c for c in (self.max_context, self.draft_context) if c) if self.max_context else None,
+                **self.facts, "requests_served": self.requests_served, "tokens_generated": self.tokens_generated,
+                "prefix_cache": self.prefix_cache_stats()}
+
+    def stream(self, prompt: str | Sequence[int], sampling_config: SamplingConfig | dict | None = None
+               ) -> Iterator[Delta | Final]:
+        """:meth:`run` of :meth:`prepare`: request errors raise here, before any event.
         Closing the iterator stops generation within the current step."""
         return self.run(self.prepare(prompt, sampling_config))
 
-    def generate(self, prompt: str | Sequence[int] | list[str], sampling_config: SamplingConfig | None = None):
+    def generate(self, prompt: str | Sequence[int] | list[str], sampling_config: SamplingConfig | dict | None = None):
         """Generate for one prompt (text or token ids); a list of strings gives a list of outputs."""
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
             return [self.generate(p, sampling_config) for p in prompt]
         return self.collect(self.prepare(prompt, sampling_config))
 
-    def chat(self, messages: list[dict], sampling_config: SamplingConfig | None = None, stream: bool = False):
-        """Apply the tokenizer's chat template, then generate (or stream)."""
+    def chat(self, messages: list[dict], sampling_config: SamplingConfig | dict | None = None, stream: bool = False):
+        """Apply the tokenizer's chat template, then generate (or stream, as :meth:`run`)."""
         request = self.prepare(messages=messages, sampling_config=sampling_config)
         return self.run(request) if stream else self.collect(request)
 
     def collect(self, request: PreparedRequest) -> GenerationOutput:
         """The whole output of a prepared request."""
-        whole = StreamChunk.join(list(self.run(request)))
+        events = list(self.run(request))
+        final = events.pop()
+        whole = Delta.join(events) if events else Delta([], "")
         return GenerationOutput(text=whole.text if request.sampling.return_text else None, token_ids=whole.token_ids,
-                                finish_reason=whole.finish_reason, prompt_token_ids=request.prompt_ids,
-                                stats=whole.stats, logprobs=whole.logprobs)
+                                finish_reason=final.finish_reason, prompt_token_ids=request.prompt_ids,
+                                stats=final.stats, logprobs=whole.logprobs if request.sampling.logprobs is not None
+                                else None)
 
     def _logprob_dicts(self, entries) -> list[dict]:
         """Token logprobs as plain dicts, with each token's text (its own decoding: a

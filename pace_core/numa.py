@@ -85,7 +85,10 @@ SLOT_RESOURCE = "pace_slot"  # Ray custom resource: one unit per slot on a node
 # environment wins): Serve's HTTP proxy streams to the router over gRPC instead of Ray's
 # object transport (HTTP TPOT overhead +4..10% instead of +11..12%: README, Serving).
 PROXY_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
-NODE_ENV = {PROXY_GRPC_ENV: "1"}
+# Serve's HTTP proxy loads deployments.proxy, which answers what it refuses before the
+# app (unparsable requests, undecodable headers) in OpenAI's error shape
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+NODE_ENV = {PROXY_GRPC_ENV: "1", PROXY_CALLBACK_ENV: "deployments.proxy.proxy_middlewares"}
 
 SLOT_DIR_ENV = "PACE_SLOT_DIR"
 PIN_ENV = "PACE_PIN"

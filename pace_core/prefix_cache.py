@@ -20,6 +20,12 @@ bit-identical to those a full prefill would compute. (In bfloat16 prompts longer
 tie may then resolve differently with and without the cache, as in any engine that
 batches differently.)
 
+Between requests the runners still hold the KV of the sequence they last served, so a
+prompt that continues it (a conversation's next turn on the replica that served the
+previous one) keeps that KV where it is: the runners are cut back to the longest common
+prefix, token by token, with nothing copied (:meth:`PrefixCache.load`); the blocks are
+the fallback for anything else.
+
 Runners take part when they can copy their cache out and in (``read_kv`` /
 ``write_kv``: the lean runner); with another runner the cache stays empty.
 """
@@ -28,8 +34,10 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where KV is copied: the serving router imports BLOCK_TOKENS only
+    import torch
 
 BLOCK_TOKENS = 32  # tokens per cached block: a prompt reuses whole blocks only
 AUTO_MAX_BYTES = 4 << 30
@@ -90,6 +98,9 @@ class PrefixCache:
         self.blocks: OrderedDict[tuple[int, tuple[int, ...]], Block] = OrderedDict()  # LRU first
         self.stats = PrefixCacheStats(budget_bytes=budget_bytes)
         self._next_id = 1
+        # what the runners hold since the last store: (the runners, the tokens whose KV
+        # every one of them holds); None once a load consumed it (or a request failed)
+        self._resident: tuple[list, list[int]] | None = None
 
     @staticmethod
     def usable(runners) -> bool:
@@ -112,21 +123,40 @@ class PrefixCache:
             self.blocks.move_to_end(block.key)
 
     def load(self, prompt_ids: list[int], runners: list) -> int:
-        """Load the KV of the longest cached prefix of the prompt into ``runners`` (their
-        whole sequence then: :meth:`LeanRunner.write_kv`), leaving at least its last token
-        to compute, whose logits start decoding; return how many tokens were loaded (0:
-        the runners are untouched, and decoding starts them afresh)."""
+        """Give ``runners`` the KV of the longest reusable prefix of the prompt, leaving at
+        least its last token to compute, whose logits start decoding; return how many
+        tokens that is (0: the runners are untouched, and decoding starts them afresh).
+        The prefix the runners still hold from the last stored sequence stays in place
+        (they are cut back to it: no copy, token-exact); else, or when the cached blocks
+        reach further, the blocks' KV is copied in (their whole sequence then:
+        :meth:`LeanRunner.write_kv`)."""
+        resident, self._resident = self._resident, None  # the runners change from here on
         if not self.usable(runners):
             return 0
-        path = self._path(prompt_ids, len(prompt_ids) - 1)
+        limit = len(prompt_ids) - 1
+        path = self._path(prompt_ids, limit)
         self.stats.queries += 1
         self.stats.prompt_tokens += len(prompt_ids)
-        if not path:
+        kept = 0
+        if resident is not None and len(resident[0]) == len(runners) and all(
+                a is b for a, b in zip(resident[0], runners)):
+            held = resident[1]
+            while kept < min(limit, len(held)) and held[kept] == prompt_ids[kept]:
+                kept += 1
+        if path:
+            self._touch(path)
+        if kept > len(path) * BLOCK_TOKENS:
+            for runner in runners:
+                runner.drop_last(runner.seq_len - kept)
+            cached = kept
+        elif path:
+            import torch
+
+            for i, runner in enumerate(runners):
+                runner.write_kv(torch.cat([block.kv[i] for block in path], dim=3))
+            cached = len(path) * BLOCK_TOKENS
+        else:
             return 0
-        self._touch(path)
-        for i, runner in enumerate(runners):
-            runner.write_kv(torch.cat([block.kv[i] for block in path], dim=3))
-        cached = len(path) * BLOCK_TOKENS
         self.stats.hits += 1
         self.stats.cached_tokens += cached
         return cached
@@ -138,6 +168,7 @@ class PrefixCache:
         if not self.usable(runners):
             return
         held = min([len(token_ids)] + [r.seq_len for r in runners])
+        self._resident = (list(runners), list(token_ids[:held]))
         path = self._path(token_ids, held)
         self._touch(path)
         first_new = len(path) * BLOCK_TOKENS
@@ -184,4 +215,5 @@ class PrefixCache:
 
     def clear(self) -> None:
         self.blocks.clear()
+        self._resident = None
         self.stats.blocks = self.stats.bytes = 0

@@ -4,7 +4,7 @@ text deltas are UTF-8 safe and never show a possible stop-string prefix too earl
 """
 from __future__ import annotations
 
-from .outputs import StreamChunk
+from .outputs import Delta
 
 
 class OutputBuilder:
@@ -33,8 +33,9 @@ class OutputBuilder:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False)
 
-    def add(self, chunk: list[int]) -> StreamChunk:
-        """Take one accepted chunk; return what is new for the caller."""
+    def add(self, chunk: list[int]) -> Delta:
+        """Take one accepted chunk; return what is new for the caller (``finish_reason``
+        says whether the output ended with it)."""
         assert self.finish_reason is None, "output already finished"
         start = len(self.token_ids)
         for t in chunk:
@@ -49,7 +50,7 @@ class OutputBuilder:
             self._detokenize()
             self._find_stop_string(start)
         new_ids = self.token_ids[start:]
-        return StreamChunk(new_ids, self._text_delta() if self.want_text else "", self.finish_reason)
+        return Delta(new_ids, self._text_delta() if self.want_text else "")
 
     def _detokenize(self) -> None:
         """Append the text of the new tokens, decoding only a short window (O(1) per

@@ -72,3 +72,28 @@ def engine_pids() -> list[int]:
         except psutil.Error:
             pass
     return sorted(pids)
+
+
+DROPPED = "\u2063"  # INVISIBLE SEPARATOR: what dropping_tokenizer's normalizer removes
+
+
+def dropping_tokenizer(model_dir, out_dir) -> str:
+    """A copy of ``model_dir``'s tokenizer whose normalizer removes DROPPED, as real
+    tokenizers drop characters (control characters, some invisible ones): a prompt of
+    only those encodes to zero tokens. Returns the tokenizer directory."""
+    import shutil
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (Path(model_dir) / name).is_file():
+            shutil.copy(Path(model_dir) / name, out_dir / name)
+    spec = json.loads((out_dir / "tokenizer.json").read_text())
+    drop = {"type": "Replace", "pattern": {"String": DROPPED}, "content": ""}
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [drop] + ([spec["normalizer"]] if spec["normalizer"] else [])}
+    (out_dir / "tokenizer.json").write_text(json.dumps(spec))
+    # a config.json naming no model type: transformers then keeps tokenizer.json as it is
+    # (a model type's own tokenizer class would rebuild the normalizer)
+    (out_dir / "config.json").write_text("{}")
+    return str(out_dir)

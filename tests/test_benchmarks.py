@@ -61,6 +61,20 @@ def test_serving_benchmark_smoke(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # starts Ray Serve
+def test_stream_cost_benchmark_smoke(tmp_path):
+    """benchmarks/stream_cost.py on tiny models: every hop's chunks measured, each of the
+    same size from the first to the last (no statistics riding on them), and both ratios."""
+    out = tmp_path / "stream_cost"
+    _serving_script("stream_cost.py", tmp_path, "--smoke", "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    for hop in ("engine_to_replica", "replica_to_router"):
+        sizes = result[hop]
+        assert sizes["chunks"] > 10 and sizes["bytes_last_tenth_mean"] < 1.5 * sizes["bytes_first_tenth_mean"], sizes
+    assert result["http"]["last_over_first_median"] > 0 and result["in_process"]["last_over_first_median"] > 0
+    assert "| HTTP |" in out.with_suffix(".md").read_text()
+
+
 @pytest.mark.slow  # starts Ray Serve, three times
 def test_multi_turn_benchmark_smoke(tmp_path):
     """benchmarks/multi_turn.py: 2 conversations x 3 turns on tiny models, 2 replicas,

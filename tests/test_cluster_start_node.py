@@ -74,7 +74,8 @@ def test_cli_dry_run_and_show():
              "--num-cpus", "8", "--", "--node-ip-address=127.0.0.1")
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip()
-    assert line == ("PACE_CORES_PER_SLOT=1 PACE_TOPOLOGY='0-3;4-7' RAY_SERVE_PROXY_USE_GRPC=1 ray start --head --port=6379 "
+    assert line == ("PACE_CORES_PER_SLOT=1 PACE_TOPOLOGY='0-3;4-7' RAY_SERVE_PROXY_USE_GRPC=1 "
+                    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.proxy.proxy_middlewares ray start --head --port=6379 "
                     f"--include-dashboard=false --num-cpus=8 '--resources={json.dumps({SLOT_RESOURCE: 8})}' "
                     "--disable-usage-stats --node-ip-address=127.0.0.1")
     assert "2 NUMA node(s), 8 slot(s)" in r.stderr

@@ -2,10 +2,13 @@
 bookkeeping with test doubles, stopping rules, streaming, chat."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from pace_core import LLMModel, PardSpecDecodeConfig, SamplingConfig
+from pace_core import Delta, Final, LLMModel, PardSpecDecodeConfig, RequestError, SamplingConfig, Usage
+from pace_core.configs import DEFAULT_MAX_NEW_TOKENS
 from pace_core import native
 from pace_core.stopping import OutputBuilder
 from pace_core.testing import hf_of
@@ -237,9 +240,9 @@ def test_stop_string_inside_and_across_chunks(plain_model, k):
         assert out.finish_reason == "stop"
         # the tokens kept are those up to the one that completes the stop string
         assert stop in _text_of(model, out.token_ids) and stop not in _text_of(model, out.token_ids[:-1])
-        streamed = list(model.stream(ids, SamplingConfig(max_new_tokens=n, ignore_eos=True, stop=[stop])))
-        assert "".join(c.text for c in streamed) == out.text
-        assert all(stop not in c.text for c in streamed)
+        *deltas, final = model.stream(ids, SamplingConfig(max_new_tokens=n, ignore_eos=True, stop=[stop]))
+        assert "".join(d.text for d in deltas) == out.text and final.finish_reason == "stop"
+        assert all(stop not in d.text for d in deltas)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -249,11 +252,13 @@ def test_stream_concatenation_equals_generate(pard_models, arch):
     for prompt in PROMPTS:
         sc = SamplingConfig(max_new_tokens=40)
         out = model.generate(prompt, sc)
-        chunks = list(model.stream(prompt, sc))
-        assert "".join(c.text for c in chunks) == out.text
-        assert [t for c in chunks for t in c.token_ids] == out.token_ids
-        assert chunks[-1].finish_reason == out.finish_reason
-        assert all(c.finish_reason is None for c in chunks[:-1])
+        *deltas, final = model.stream(prompt, sc)  # Deltas, then one Final
+        assert all(isinstance(d, Delta) for d in deltas) and isinstance(final, Final)
+        assert "".join(d.text for d in deltas) == out.text
+        assert [t for d in deltas for t in d.token_ids] == out.token_ids
+        assert final.finish_reason == out.finish_reason and final.stats.steps == out.stats.steps
+        assert final.usage == Usage(len(out.prompt_token_ids), len(out.token_ids), final.stats.num_cached_tokens)
+        assert final.engine["engine_pid"] == os.getpid() and final.engine["requests_served"] >= 1
 
 
 def test_closing_the_stream_stops_generation(plain_model):
@@ -295,7 +300,8 @@ def test_chat_applies_the_template(plain_model):
     assert plain_model.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
     sc = SamplingConfig(max_new_tokens=12)
     assert plain_model.chat(messages, sc).token_ids == plain_model.generate(ids, sc).token_ids
-    assert "".join(c.text for c in plain_model.chat(messages, sc, stream=True)) == plain_model.chat(messages, sc).text
+    *deltas, _ = plain_model.chat(messages, sc, stream=True)
+    assert "".join(d.text for d in deltas) == plain_model.chat(messages, sc).text
 
 
 def test_plain_sampling_is_seeded_and_not_ignored(plain_model):
@@ -481,9 +487,14 @@ def test_request_errors_raise_before_any_stream_opens(plain_model):
     request = plain_model.prepare("def f(x):", {"max_new_tokens": 8, "ignore_eos": True})
     assert request.prompt_ids == plain_model.encode("def f(x):") and request.sampling.max_new_tokens == 8
     assert plain_model.collect(request).token_ids == plain_model.generate("def f(x):", request.sampling).token_ids
-    # fit_context: a default length is lowered to the room the context leaves
-    room = plain_model.max_context - len(request.prompt_ids)
-    assert plain_model.prepare("def f(x):", {"max_new_tokens": 10 ** 6}, fit_context=True).sampling.max_new_tokens == room
+    # no length given: DEFAULT_MAX_NEW_TOKENS, lowered to the room the context leaves
+    assert plain_model.prepare("def f(x):").sampling.max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    long = [5] * (plain_model.max_context - 10)
+    assert plain_model.prepare(long).sampling.max_new_tokens == 10
+    with pytest.raises(RequestError, match="leaves no room for an answer"):
+        plain_model.prepare([5] * plain_model.max_context)
+    with pytest.raises(RequestError, match=r"min_new_tokens \(20\) must be <= max_new_tokens \(10"):
+        plain_model.prepare(long, {"min_new_tokens": 20})
 
 
 def test_one_generation_at_a_time_and_a_closed_stream_frees_the_model(plain_model):

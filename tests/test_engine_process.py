@@ -8,51 +8,53 @@ import signal
 import pytest
 
 from deployments.engine_process import EngineError, EngineProcess
-from pace_core import LLMModel, ModelConfig, PardSpecDecodeConfig, SamplingConfig
+from pace_core import Delta, Failed, Final, LLMModel, ModelConfig, PardSpecDecodeConfig, SamplingConfig, Usage
+from pace_core.outputs import GenerationStats
 from pace_core.loading import ModelLoadError
 
 
 def _run(engine: EngineProcess, request: dict, stop_after: int | None = None) -> list:
+    """The request's events, to its Final or Failed; ``stop_after`` Deltas, the replica's stop."""
     engine.send(("generate", request))
-    messages = []
+    events = []
     while True:
-        kind, payload = engine.recv()
-        messages.append((kind, payload))
-        if kind == "chunk" and stop_after is not None and len(messages) == stop_after:
+        event = engine.recv()
+        events.append(event)
+        if isinstance(event, Delta) and stop_after is not None and len(events) == stop_after:
             engine.send(("stop", None))
-        if kind in ("end", "user_error"):
-            return messages
+        if not isinstance(event, Delta):
+            return events
 
 
-def test_engine_process_streams_the_engines_tokens(tiny_pair):
+def test_engine_process_streams_the_engines_events(tiny_pair):
     target, draft = tiny_pair
     model = ModelConfig(model_name_or_path=target, dtype="float32",
                         pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=4))
     engine = EngineProcess(model)  # the app argument ``model``, as the replica passes it
     try:
-        assert engine.info["engine_pid"] == engine.pid != os.getpid()
+        assert engine.info["engine_pid"] == engine.pid != os.getpid() and engine.info["replica_pid"] == os.getpid()
         assert engine.info["num_speculative_tokens"] == 4 and engine.info["dtype"] == "float32"
         request = {"prompt": "def add(a, b):", "sampling": {"max_new_tokens": 40, "ignore_eos": True}}
-        messages = _run(engine, request)
-        assert messages[-1] == ("end", None)
-        chunks = [p for k, p in messages if k == "chunk"]
+        *deltas, final = _run(engine, request)  # the events of LLMModel.run, unchanged
         local = LLMModel(target, dtype="float32",
                          pard_config=PardSpecDecodeConfig(model_name_or_path=draft, num_speculative_tokens=4))
         expected = local.generate("def add(a, b):", SamplingConfig(max_new_tokens=40, ignore_eos=True))
-        assert [t for c in chunks for t in c.token_ids] == expected.token_ids
-        assert chunks[-1].finish_reason == "length" and chunks[-1].stats.steps == len(chunks)
-        assert chunks[-1].engine["engine_pid"] == engine.pid and chunks[0].num_prompt_tokens == len(local.encode("def add(a, b):"))
+        assert all(isinstance(d, Delta) for d in deltas) and isinstance(final, Final)
+        assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+        assert final.finish_reason == "length" and final.stats.steps == len(deltas)
+        assert final.usage == Usage(len(local.encode("def add(a, b):")), 40, final.usage.cached_tokens)
+        assert final.engine["engine_pid"] == engine.pid and final.engine["engine_start"] == 1
 
-        # a user error is a message, and the engine keeps serving
-        kind, message = _run(engine, {"prompt": "x", "sampling": {"max_new_tokens": -1}})[-1]
-        assert kind == "user_error" and "max_new_tokens" in message
+        # a user error is a Failed, and the engine keeps serving
+        (failed,) = _run(engine, {"prompt": "x", "sampling": {"max_new_tokens": -1}})
+        assert failed.kind == "invalid_request" and "max_new_tokens" in failed.message
 
-        # stop after the first chunk: the engine ends the request within a step
+        # stop after the first Delta: the engine ends the request within a step
         long = {"prompt": "x", "sampling": {"max_new_tokens": 400, "ignore_eos": True}}
-        messages = _run(engine, long, stop_after=1)
-        assert messages[-1] == ("end", None)
-        assert sum(len(p.token_ids) for k, p in messages if k == "chunk") < 60
-        assert [k for k, _ in _run(engine, request)][-1] == "end"  # and serves the next one
+        *deltas, end = _run(engine, long, stop_after=1)
+        assert end == Failed("cancelled", "stopped: its caller went away")
+        assert sum(len(d.token_ids) for d in deltas) < 60
+        assert isinstance(_run(engine, request)[-1], Final)  # and serves the next one
 
         os.kill(engine.pid, signal.SIGKILL)
         engine.proc.wait(10)
@@ -114,24 +116,22 @@ def test_engine_survives_any_request(tiny_pair):
                         {"messages": [{"role": "user", "content": "\udfff"}]},
                         {"prompt": None}, {"prompt": [[1, 2], 3]}, "garbage", {"sampling": 5, "prompt": "x"},
                         {"prompt": "x", "sampling": {"max_new_tokens": 2, "seed": 2 ** 70}}):
-            kind, message = _run(engine, request)[-1]
-            assert kind in ("user_error", "end") and message, (request, kind, message)
+            (failed,) = _run(engine, request)
+            assert isinstance(failed, Failed) and failed.kind in ("invalid_request", "engine") and failed.message
             assert engine.alive()
-        messages = _run(engine, {"prompt": "x", "sampling": {"max_new_tokens": 3, "ignore_eos": True}})
-        assert messages[-1] == ("end", None) and messages[-2][1].engine["engine_pid"] == engine.pid
+        final = _run(engine, {"prompt": "x", "sampling": {"max_new_tokens": 3, "ignore_eos": True}})[-1]
+        assert isinstance(final, Final) and final.engine["engine_pid"] == engine.pid
     finally:
         engine.close()
 
 
-def test_engine_pauses_after_a_first_chunk_that_is_not_the_last(monkeypatch):
-    """_serve_request with a stand-in model: after the first chunk of a longer answer the
-    engine sleeps first_chunk_pause_s (so Serve's lower-priority processes can carry it
-    to the client) and never after the others; a one-chunk answer, or a pause of 0, gets
-    no pause. The app argument's default reaches the engine as 8 ms."""
+def test_engine_pauses_after_its_first_delta(monkeypatch):
+    """_serve_request with a stand-in model: after the first Delta the engine sleeps
+    first_chunk_pause_s (so Serve's lower-priority processes can carry it to the client),
+    and never after the others; a pause of 0 is none."""
     from types import SimpleNamespace
 
     from deployments import engine_process
-    from pace_core.outputs import StreamChunk
 
     events = []
     monkeypatch.setattr(engine_process, "time", SimpleNamespace(sleep=lambda s: events.append(("sleep", s))))
@@ -145,15 +145,12 @@ def test_engine_pauses_after_a_first_chunk_that_is_not_the_last(monkeypatch):
 
         def run(self, prepared):
             for i in range(self.n):
-                yield StreamChunk([i], str(i), "length" if i == self.n - 1 else None)
+                yield Delta([i], str(i))
+            yield Final("length", Usage(1, self.n), GenerationStats())
 
-        def prefix_cache_stats(self):
-            return {}
-
-    conn = SimpleNamespace(send=lambda message: events.append(message[0]), poll=lambda: False)
+    conn = SimpleNamespace(send=lambda event: events.append(type(event).__name__), poll=lambda: False)
     engine_process._serve_request(Model(3), conn, {"prompt": "x"}, 0.008)
-    assert events == ["chunk", ("sleep", 0.008), "chunk", "chunk", "end"]
-    for n, pause in ((1, 0.008), (3, 0.0)):
-        events.clear()
-        engine_process._serve_request(Model(n), conn, {"prompt": "x"}, pause)
-        assert events == ["chunk"] * n + ["end"]
+    assert events == ["Delta", ("sleep", 0.008), "Delta", "Delta", "Final"]
+    events.clear()
+    engine_process._serve_request(Model(3), conn, {"prompt": "x"}, 0.0)
+    assert events == ["Delta"] * 3 + ["Final"]

@@ -35,7 +35,10 @@ def test_pard_token_accepts_int_or_0d_tensor():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
-    ({"temperature": -1}, "temperature must be >= 0"),
+    ({"temperature": -1}, r"temperature must be in \[0, 2\]"),
+    ({"temperature": 2.5}, r"temperature must be in \[0, 2\]"),
+    ({"stop": list("abcde")}, "at most 4 stop strings"),
+    ({"seed": 2 ** 64}, "seed must be in"),
     ({"top_p": 0}, "top_p must be in"),
     ({"stop": [""]}, "stop strings must not be empty"),
     ({"stop": 3}, "stop must be a string or a list"),
@@ -186,3 +189,23 @@ def test_hub_name_loads_offline_from_the_local_cache(tiny_pair, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert len(json.loads(run.stdout.strip().splitlines()[-1])) == 4
+
+
+def test_a_prompt_of_zero_tokens_is_a_request_error_before_any_work(tiny_pair, tmp_path):
+    """A text the tokenizer drops entirely (its normalizer removes every character) is
+    refused by prepare, naming the cause, in generate, stream and chat alike; the model
+    serves the next request."""
+    from helpers import DROPPED, dropping_tokenizer
+
+    target, draft = tiny_pair
+    model = LLMModel(target, dtype="float32", pard_config=PardSpecDecodeConfig(model_name_or_path=draft),
+                     tokenizer_name_or_path=dropping_tokenizer(target, tmp_path / "tokenizer"))
+    assert model.tokenizer.encode(DROPPED * 3) == []
+    for call in (lambda: model.generate(DROPPED * 3), lambda: model.stream(DROPPED),
+                 lambda: model.generate([DROPPED, "x"])):
+        with pytest.raises(RequestError, match="encodes to zero tokens.*tokenizer drops every character"):
+            call()
+    model.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # no role tokens
+    with pytest.raises(RequestError, match="chat template produced no tokens"):
+        model.chat([{"role": "user", "content": DROPPED}])
+    assert model.generate("x" + DROPPED, SamplingConfig(max_new_tokens=3, ignore_eos=True)).token_ids

@@ -54,18 +54,19 @@ def test_outputs_equal_with_and_without_the_cache(models, arch, pard, sampling):
         assert a.prompt_token_ids == b.prompt_token_ids
         assert a.token_ids == b.token_ids
         assert b.stats.num_cached_tokens == 0
-    # turns 2 and 3 reused the whole blocks they share with what was served before
-    # (the runners hold all but the last token; a draft lags by up to a step: K + 1)
-    for turn, out in enumerate(with_cache[1:3], 1):
+    # turns 2, 3 and 4 kept what they share with the sequence served just before, token
+    # by token, where the runners hold it (all of it but the last token; a draft lags by
+    # up to a step: K + 1)
+    for turn, out in enumerate(with_cache[1:], 1):
         before = with_cache[turn - 1]
         served = before.prompt_token_ids + before.token_ids
         common = next((i for i, (a, b) in enumerate(zip(served, out.prompt_token_ids)) if a != b),
                       min(len(served), len(out.prompt_token_ids)))
-        most = min(common, len(out.prompt_token_ids) - 1) // BLOCK_TOKENS * BLOCK_TOKENS
-        least = min(most, (len(served) - 1 - (5 if pard else 0)) // BLOCK_TOKENS * BLOCK_TOKENS)
+        most = min(common, len(out.prompt_token_ids) - 1)
+        least = min(most, len(served) - 1 - (5 if pard else 0))
         assert least <= out.stats.num_cached_tokens <= most and out.stats.num_cached_tokens > 0
-    assert with_cache[1].stats.num_cached_tokens > len(with_cache[0].prompt_token_ids) - BLOCK_TOKENS
-    assert with_cache[3].stats.num_cached_tokens == 2 * BLOCK_TOKENS
+    assert with_cache[1].stats.num_cached_tokens > len(with_cache[0].prompt_token_ids)
+    assert with_cache[3].stats.num_cached_tokens == 2 * BLOCK_TOKENS + 4  # all but its last token
 
 
 def test_a_prompt_longer_than_any_entry_and_one_fully_cached(models):
@@ -75,7 +76,7 @@ def test_a_prompt_longer_than_any_entry_and_one_fully_cached(models):
     first = model.generate(ids, GREEDY)
     again = model.generate(ids, GREEDY)  # the whole prompt is cached but its last token runs
     assert again.token_ids == first.token_ids
-    assert again.stats.num_cached_tokens == (len(ids) - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+    assert again.stats.num_cached_tokens == len(ids) - 1
     # a prefix ending inside the answer: the blocks reused reach past the prompt
     inside = ids + first.token_ids[:36] + model.encode("\n# and now")
     out = model.generate(inside, GREEDY)
@@ -125,6 +126,12 @@ class _ArrayRunner:
 
     def write_kv(self, kv):
         self.tokens = [int(x) for x in kv[0, 0, 0, :, 0]]
+        self.writes += 1
+
+    def drop_last(self, n):
+        del self.tokens[len(self.tokens) - n:]
+
+    writes = 0
 
 
 def test_shared_blocks_are_stored_once_and_only_leaves_are_evicted():
@@ -151,3 +158,28 @@ def test_runner_without_kv_copy_has_no_cache(tiny_pairs):
     assert model.prefix_cache is None and model.prefix_cache_stats() is None
     out = model.generate(HISTORY, GREEDY)
     assert out.stats.num_cached_tokens == 0 and len(out.token_ids) == GREEDY.max_new_tokens
+
+
+def test_the_prefix_the_runners_still_hold_is_kept_in_place_token_by_token():
+    """A prompt continuing the sequence just served keeps the runners' own KV, cut back to
+    the common prefix (nothing copied, not rounded to blocks); after another sequence, or
+    a failed request (store never ran), only the blocks can serve, copied in."""
+    runner = _ArrayRunner()
+    cache = PrefixCache(budget_bytes=1 << 20)
+    served = list(range(100, 100 + 3 * BLOCK_TOKENS + 7))  # the prompt + the answer of a turn
+    runner.tokens = list(served)
+    cache.store(served, [runner])
+    next_turn = served[:-3] + [7, 8, 9]  # the answer's last 3 tokens re-tokenized otherwise
+    assert cache.load(next_turn, [runner]) == len(served) - 3
+    assert runner.writes == 0 and runner.tokens == served[:-3]
+    runner.tokens = list(next_turn)
+    cache.store(next_turn, [runner])
+    other = [5] * (2 * BLOCK_TOKENS)
+    assert cache.load(other, [runner]) == 0  # nothing in common: the runners are left as they are
+    runner.tokens = list(other)
+    cache.store(other, [runner])
+    assert cache.load(next_turn, [runner]) == 3 * BLOCK_TOKENS  # the blocks, copied in
+    assert runner.writes == 1 and runner.tokens == next_turn[: 3 * BLOCK_TOKENS]
+    # a request whose generation failed never stores: the runners hold nothing reusable
+    assert cache.load(next_turn, [runner]) == 3 * BLOCK_TOKENS and runner.writes == 2
+

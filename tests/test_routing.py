@@ -66,7 +66,7 @@ def test_a_conversations_next_turn_prefers_the_replica_of_its_previous_turn():
 
 
 def test_the_session_key_wins_over_the_prefix():
-    p = AffinityPolicy()
+    p = AffinityPolicy(affinity_wait_s=0.5)
     prompt = {"prompt": LONG * 3}
     p.record(request_keys(prompt), "A")
     p.record(request_keys({"prompt": "hi", "session_id": "u1"}), "B")
@@ -75,20 +75,57 @@ def test_the_session_key_wins_over_the_prefix():
     assert p.preferred(request_keys({**prompt, "session_id": "u1"}), ["A", "C"]) == "A"  # its replica is no candidate
 
 
-def test_ranks_wait_for_the_preferred_replica_then_offer_the_others():
+def test_ranks_wait_for_the_busy_preferred_replica_then_offer_the_free_ones():
     p = AffinityPolicy(affinity_wait_s=0.5)
     keys = request_keys({"prompt": LONG * 2, "session_id": "s"})
-    assert sorted(p.ranks(keys, ["A", "B", "C"], waited_s=0.0)[0]) == ["A", "B", "C"]  # no preference: all
+    assert len(p.ranks(keys, ["A", "B", "C"], {"A", "B", "C"}, waited_s=0.0)) == 3  # no preference: free, one by one
     p.record(keys, "B")
-    assert p.ranks(keys, ["A", "B", "C"], waited_s=0.2) == [["B"]]
-    first, rest = p.ranks(keys, ["A", "B", "C"], waited_s=0.6)
-    assert first == ["B"] and sorted(rest) == ["A", "C"]
-    assert p.ranks(keys, ["A", "B"], waited_s=0.0) == [["B"]]
-    assert AffinityPolicy(affinity_wait_s=0).ranks(keys, ["A"], 0.0) == [["A"]]
+    assert p.ranks(keys, ["A", "B", "C"], {"A", "B", "C"}, waited_s=0.0)[0] == ["B"]
+    assert p.ranks(keys, ["A", "B", "C"], {"A", "C"}, waited_s=0.2) == [["B"]]  # busy, not waited long: wait for it
+    first, second, rest = p.ranks(keys, ["A", "B", "C"], {"A", "C"}, waited_s=0.6)  # waited long enough
+    assert sorted(first + second) == ["A", "C"] and rest == ["B"]
+    assert p.ranks(keys, ["A", "B"], {"B"}, waited_s=9.0) == [["B"], ["A"]]  # the free preferred one first
+    assert AffinityPolicy(affinity_wait_s=0).ranks(keys, ["A"], set(), 0.0) == [["A"]]  # all busy: Serve waits
+
+
+def test_new_conversations_spread_over_the_replicas_sent_nothing_lately():
+    p = AffinityPolicy(affinity_wait_s=0.5)
+    convos = [request_keys({"prompt": f"{i}: {LONG * 2}", "session_id": f"s{i}"}) for i in range(4)]
+    p.record(convos[0], "A")
+    p.record(convos[1], "B")
+    p.record(convos[0], "A")  # A was sent the latest request
+    assert p.ranks(convos[2], ["A", "B"], {"A", "B"}, 0.0) == [["B"], ["A"]]
+    assert p.ranks(convos[2], ["A", "B", "C"], {"A", "B", "C"}, 0.0)[0] == ["C"]  # never sent anything (new)
+    assert p.ranks(convos[2], ["A", "B"], {"A"}, 0.0) == [["A"], ["B"]]  # the free one, then the busy one
+
+
+def test_a_conversation_doubled_up_on_a_busy_replica_moves_to_one_idle_since():
+    """Conversations 0 and 1 ran on A and B; conversation 2 landed on B too (B was free
+    between two turns of conversation 1). Conversation 1's next turn finds B busy with
+    conversation 2 while A has been sent nothing since: it moves to A at once. A turn
+    that finds its replica still running its own previous turn (about to end) waits."""
+    p = AffinityPolicy(affinity_wait_s=0.5)
+    c0, c1, c2 = (turns(f"{i}: {LONG}", 3) for i in range(3))
+    p.record(request_keys({"messages": c0[0]}), "A")
+    p.record(request_keys({"messages": c1[0]}), "B")
+    p.record(request_keys({"messages": c2[0]}), "B")  # B is running it
+    assert p.ranks(request_keys({"messages": c1[1]}), ["A", "B"], {"A"}, 0.0) == [["A"]]
+    p.record(request_keys({"messages": c1[1]}), "A")
+    assert p.preferred(request_keys({"messages": c1[2]}), ["A", "B"]) == "A"  # it stays there
+    # B runs conversation 2's turn 1; its turn 2 arrives before B is seen free: it waits for B
+    assert p.ranks(request_keys({"messages": c2[1]}), ["A", "B"], {"A"}, 0.0) == [["B"]]
+    # the same by session key, with no whole block
+    p.record(Keys("s", []), "B")
+    assert p.ranks(Keys("s", []), ["A", "B"], {"A"}, 0.0) == [["B"]]
+    # a new conversation sharing only a system prompt with B's is not worth waiting for B
+    p.record(request_keys({"messages": c2[0]}), "B")
+    p.record(Keys("t", []), "A")  # A is not idle since
+    new = request_keys({"messages": turns("z" * 300, 1)[0]})
+    assert p.preferred(new, ["A", "B"]) == "B" and p.ranks(new, ["A", "B"], {"A"}, 0.0) == [["A"], ["B"]]
 
 
 def test_the_table_is_lru_bounded():
-    p = AffinityPolicy(max_keys=10)
+    p = AffinityPolicy(affinity_wait_s=0.5, max_keys=10)
     old, new = request_keys({"prompt": LONG * 5}), request_keys({"prompt": "other " * 100})
     assert len(old.blocks) == 6 and len(new.blocks) == 9
     p.record(old, "A")
@@ -101,7 +138,7 @@ def test_the_table_is_lru_bounded():
 
 
 def test_a_replica_that_left_is_forgotten():
-    p = AffinityPolicy()
+    p = AffinityPolicy(affinity_wait_s=0.5)
     keys = request_keys({"prompt": LONG * 2, "session_id": "s"})
     p.record(keys, "A")
     p.record(request_keys({"prompt": "other " * 40}), "B")
@@ -120,17 +157,19 @@ class FakeReplica:
 
         self.replica_id = ReplicaID(name, DeploymentID(name="LLMReplica", app_name="test"))
         self.max_ongoing_requests = 1
-        self.busy = False
+        self.queue_len = 0
 
     async def get_queue_len(self, *, deadline_s: float) -> int:
-        return int(self.busy)
+        return self.queue_len
 
 
 def test_cache_aware_router_in_serves_routing_loop():
-    """CacheAwareRouter driven by Serve's own routing loop (fake replicas, no Ray): a
-    turn follows its conversation's replica; with that one busy, the other takes it
-    after affinity_wait_s; two calls sharing an internal request id both get a replica;
-    replicas that leave or die are forgotten."""
+    """CacheAwareRouter driven by Serve's own routing loop (fake replicas, no Ray): a turn
+    follows its conversation's replica; while that one runs a request, a turn waits for it
+    and is routed there once it completes (woken by the completion, not by a clock); after
+    affinity_wait_s it takes the free one and the conversation follows; a replica busy
+    with another router's request (its queue length says so) is not taken; replicas that
+    leave or die are forgotten."""
     import asyncio
 
     from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
@@ -141,35 +180,58 @@ def test_cache_aware_router_in_serves_routing_loop():
     async def main():
         router = CacheAwareRouter(deployment_id=DeploymentID(name="LLMReplica", app_name="test"),
                                   handle_source=DeploymentHandleSource.UNKNOWN)
-        router.initialize_state(affinity_wait_s=0.3)
+        router.initialize_state(affinity_wait_s=3600)
         a, b, c = FakeReplica("a"), FakeReplica("b"), FakeReplica("c")
         router.update_replicas([a, b])
+        ids = iter(range(1000))
 
-        async def route(request: dict, internal_id: str = ""):
+        def pending(request: dict, created_at: float | None = None) -> PendingRequest:
             pr = PendingRequest(args=[request], kwargs={},
-                                metadata=RequestMetadata(request_id="r", internal_request_id=internal_id or repr(request)))
+                                metadata=RequestMetadata(request_id="r", internal_request_id=f"i{next(ids)}"))
+            if created_at is not None:
+                pr.created_at = created_at
+            return pr
+
+        async def start(pr: PendingRequest):  # routed, sent and running until done(pr), as Serve reports it
             replica = await asyncio.wait_for(router._choose_replica_for_request(pr), timeout=10)
+            router.on_send_request(replica.replica_id)
             router.on_request_routed(pr, replica.replica_id, None)
             return replica
 
-        convo = turns(LONG, 3)
-        first = await route({"messages": convo[0]})
-        assert await route({"messages": convo[1]}) is first
-        first.busy = True
-        t0 = time.monotonic()
-        other = await route({"messages": convo[2]})
-        assert other is not first and 0.3 <= time.monotonic() - t0 < 2
-        first.busy = False
-        assert await route({"messages": convo[2]}) is other  # the conversation moved with it
+        def done(pr: PendingRequest, replica) -> None:
+            router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)
 
-        siblings = await asyncio.gather(route({"prompt": "x"}, "one-id"), route({"prompt": "y"}, "one-id"))
-        assert len(siblings) == 2
+        convo = turns(LONG, 4)
+        first = pending({"messages": convo[0]})
+        home = await start(first)
+        done(first, home)
+        second = pending({"messages": convo[1]})
+        assert await start(second) is home  # running now
+        third = pending({"messages": convo[2]})
+        waiting = asyncio.ensure_future(start(third))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not waiting.done()  # the other replica is free, yet it waits for its own
+        done(second, home)
+        assert await waiting is home
+        # waited past affinity_wait_s (arrived an hour ago): the free replica takes it
+        late = pending({"messages": convo[3]}, created_at=time.time() - 3601)
+        other = await start(late)
+        assert other is not home and router.running[home.replica_id] == router.running[other.replica_id] == 1
+        done(third, home), done(late, other)
+        assert router.policy.preferred(request_keys({"messages": convo[3]}), [a.replica_id, b.replica_id]) == \
+            other.replica_id  # the conversation moved with it
+        assert router.running[home.replica_id] == 0
 
         router.update_replicas([b, c])  # autoscaling: a left, c came
         assert all(r != a.replica_id for r in router.policy._table.values())
+        # a new conversation goes to c, sent nothing yet, unless another router's request is there
+        c.queue_len = 1
+        assert await start(pending({"prompt": "a new one"})) is b
+        c.queue_len = 0
         router.on_replica_actor_died(b.replica_id)
         assert all(r == c.replica_id for r in router.policy._table.values())
-        assert await route({"messages": convo[2]}) is c
+        assert await start(pending({"messages": convo[3]})) is c
 
     asyncio.run(main())
 
@@ -192,7 +254,7 @@ def test_build_app_sets_the_replicas_request_router(tiny_pair, routing):
         assert config.is_default_request_router()
 
 
-WAIT = 1.0  # the app's affinity_wait_s: wide apart from a tiny model's request time
+WAIT = 3600.0  # the app's affinity_wait_s: a turn waiting for its busy replica waits as long as the test needs
 
 
 @pytest.fixture(scope="module")
@@ -250,61 +312,86 @@ def keep_busy(stream) -> tuple[list, callable]:
     return chunks, stop
 
 
+def in_background(fn) -> tuple[threading.Thread, list]:
+    """Run ``fn()`` in a thread: (the thread, [its result] once it returned)."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def in_flight(url: str) -> float:
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return float(next(x for x in text.splitlines() if x.startswith("pace_requests_in_flight{")).split()[-1])
+
+
 LONG_GEN = {"max_new_tokens": 30000, "ignore_eos": True}  # ~40 s here: always stopped long before
 
 
-def test_turns_stay_on_their_replica_and_a_busy_ones_turn_goes_to_the_free_one(two_replicas):
-    handle, _ = two_replicas
+def test_turns_stay_on_their_replica_wait_for_it_and_leave_a_doubled_up_one(two_replicas):
+    """(a) Successive turns stay on their replica, by prefix or by session. (b) While a
+    conversation's replica runs its own previous turn, the next turn waits for it, though
+    the other replica is free (it serves another request meanwhile), and runs there once
+    it is free. (c) While its replica runs another conversation's request and the other
+    replica has been sent nothing since, the turn moves there at once."""
+    from helpers import wait_for
+
+    handle, url = two_replicas
 
     def chat(messages, session_id=None):
         return handle.chat.remote(messages, {"max_new_tokens": 4}, session_id=session_id).result(timeout_s=60)
 
-    # (a) successive turns: by prefix (long first messages) or by session (short ones)
     convos = [(turns(f"{i}: {LONG}", 3), None) for i in range(3)]
     convos += [(turns(f"q{i}", 3), f"session-{i}") for i in range(2)]
     pids = {}
     for turn in range(3):
         for c, (convo, sid) in enumerate(convos):
-            pid = chat(convo[turn], sid)["engine_pid"]
+            pid = chat(convo[turn], sid)["engine"]["engine_pid"]
             if turn:
                 assert pid == pids[c], (c, turn)
             pids[c] = pid
-    assert len(set(pids.values())) <= 2
+    assert len(set(pids.values())) <= 2  # one when free: the conversations share a system prompt
 
-    # (b) a conversation's replica is busy with a long generation: its next turn waits
-    # about affinity_wait_s for it, then the other replica serves it
-    for c in (0, 3):  # by prefix, by session
+    for c in (0, 3):  # (b), by prefix and by session
         convo, sid = convos[c]
         chunks, stop = keep_busy(handle.options(stream=True).chat_stream.remote(convo[2], LONG_GEN, session_id=sid))
         try:
-            t0 = time.monotonic()
-            out = chat(convo[2] + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "next?"}], sid)
-            took = time.monotonic() - t0
+            nxt = convo[2] + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "next?"}]
+            thread, out = in_background(lambda: chat(nxt, sid))
+            wait_for(lambda: in_flight(url) == 2, 30, "the next turn at the router")
+            fresh = chat([{"role": "user", "content": f"unrelated {c}"}], f"fresh-{c}")
+            assert fresh["engine"]["engine_pid"] != pids[c] and thread.is_alive() and not out  # the free replica was not taken
         finally:
-            assert stop() and not chunks[-1]["finish_reason"]  # the long one was still running
-        assert out["engine_pid"] != pids[c]
-        assert WAIT * 0.9 < took < WAIT + 5, took
-        # the conversation follows its latest replica
-        assert chat(convo[2] + [{"role": "assistant", "content": "ok"}], sid)["engine_pid"] == out["engine_pid"]
+            assert stop() and chunks[-1]["type"] == "delta"  # the long one was still running
+        thread.join(60)
+        assert out[0]["engine"]["engine_pid"] == pids[c]
+
+    # (c) conversation 1's replica runs a request sharing only its first message (another
+    # conversation); the other replica has been sent nothing since: its next turn moves there
+    convo, _ = convos[1]
+    other = convo[0][:2] + [{"role": "assistant", "content": "something else " * 8}]
+    _, stop = keep_busy(handle.options(stream=True).chat_stream.remote(other, LONG_GEN))  # to pids[1]'s: its prefix
+    try:
+        moved = chat(convo[2] + [{"role": "assistant", "content": "ok"}])
+    finally:
+        assert stop()
+    assert moved["engine"]["engine_pid"] != pids[1]
 
 
 def test_http_session_keys_reach_the_routing(two_replicas):
     """Over HTTP, OpenAI's ``user`` field and the X-Session-ID header (which wins) are the
-    session key: while the session's replica is busy, a request of that session waits
-    about affinity_wait_s for it before the free replica serves it; one of another
-    session is served at once."""
+    session key: while the session's replica runs one of its requests, a request of that
+    session waits for it though the other replica serves another session's request
+    meanwhile, and is answered once the session's replica is free."""
     import httpx
+
+    from helpers import wait_for
 
     handle, url = two_replicas
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}  # no whole block: session only
     with httpx.Client(base_url=url, timeout=60) as client:
-
-        def took(route, payload, headers=None) -> float:
-            t0 = time.monotonic()
-            r = client.post(route, json=payload, headers=headers or {})
-            assert r.status_code == 200, r.text
-            return time.monotonic() - t0
-
         cases = [("/v1/chat/completions", {**chat, "user": "s"}, {}),
                  ("/v1/chat/completions", {**chat, "user": "other"}, {"X-Session-ID": "s"}),
                  ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "user": "s"}, {}),
@@ -312,10 +399,14 @@ def test_http_session_keys_reach_the_routing(two_replicas):
         for i, (route, payload, headers) in enumerate(cases):
             _, stop = keep_busy(handle.options(stream=True).generate_stream.remote("x", LONG_GEN, session_id="s"))
             try:
-                assert took("/v1/chat/completions", {**chat, "user": f"fresh-{i}"}) < WAIT * 0.9
-                assert took(route, payload, headers) > WAIT * 0.9, (route, payload, headers)
+                thread, out = in_background(lambda: client.post(route, json=payload, headers=headers))
+                wait_for(lambda: in_flight(url) == 2, 30, "the session's request at the router")
+                assert client.post("/v1/chat/completions", json={**chat, "user": f"fresh-{i}"}).status_code == 200
+                assert thread.is_alive() and not out, (route, payload, headers)
             finally:
                 stop()
-        # the prompts of one completion are calls sharing one internal request id: all are served
+            thread.join(60)
+            assert out[0].status_code == 200, out[0].text
+        # the prompts of one completion are calls made in one request: all are served
         r = client.post("/v1/completions", json={"prompt": ["a", "b", "c", "d"], "max_tokens": 2}, timeout=30)
         assert r.status_code == 200 and len(r.json()["choices"]) == 4
