@@ -353,7 +353,7 @@ class LLMModel:
                 "num_speculative_tokens": self.num_speculative_tokens,
                 "speculation_schedule": self.speculation_schedule if self.draft else None,
                 "dtype": str(self.dtype).removeprefix("torch."), "weights": self.weight_format,
-                "draft_weights": self.draft.weight_format if self.draft else None, "forward": self.forward_kind,
+                "draft_weights": getattr(self.draft, "weight_format", None), "forward": self.forward_kind,
                 "max_context": min(c for c in (self.max_context, self.draft_context) if c) if self.max_context else None,
                 **self.facts, "requests_served": self.requests_served, "tokens_generated": self.tokens_generated,
                 "prefix_cache": self.prefix_cache_stats()}
