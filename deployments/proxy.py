@@ -22,7 +22,7 @@ import os
 
 logger = logging.getLogger("ray.serve")
 
-# headers Serve's proxy decodes as UTF-8 before the app runs (in Ray 2.59-2.60), the
+# headers Serve's proxy decodes as UTF-8 before the app runs (in Ray 2.60), the
 # session header aside (its name is Serve's setting, RAY_SERVE_SESSION_ID_HEADER_KEY)
 DECODED_HEADERS = (b"x-request-id", b"serve_multiplexed_model_id", b"x-request-timeout-seconds",
                    b"x-serve-disconnect-disabled")
