@@ -63,14 +63,15 @@ def test_serving_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow  # starts Ray Serve
 def test_stream_cost_benchmark_smoke(tmp_path):
-    """benchmarks/stream_cost.py on tiny models: every hop's chunks measured, each of the
-    same size from the first to the last (no statistics riding on them), and both ratios."""
+    """benchmarks/stream_cost.py on tiny models: every hop's chunks measured, each a few
+    tokens' ids and text, from the first to the last (no statistics riding on them: the
+    running statistics took >1.5 KB a chunk from the start and grew), and both ratios."""
     out = tmp_path / "stream_cost"
     _serving_script("stream_cost.py", tmp_path, "--smoke", "--out", str(out))
     result = json.loads(out.with_suffix(".json").read_text())
     for hop in ("engine_to_replica", "replica_to_router"):
         sizes = result[hop]
-        assert sizes["chunks"] > 10 and sizes["bytes_last_tenth_mean"] < 1.5 * sizes["bytes_first_tenth_mean"], sizes
+        assert sizes["chunks"] > 10 and sizes["bytes_max"] < 1000, sizes  # a chunk's size varies with its tokens
     assert result["http"]["last_over_first_median"] > 0 and result["in_process"]["last_over_first_median"] > 0
     assert "| HTTP |" in out.with_suffix(".md").read_text()
 
