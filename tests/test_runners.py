@@ -247,8 +247,9 @@ def test_attention_kernel_matches_sdpa_and_is_row_independent(dtype):
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_kernels_on_the_lesser_paths_too(isa):
     """The AVX2 path (what an AVX2-only EPYC runs; int8/int4 through VPMADDWD) and the
-    AVX-512 path without BF16 dot products (bfloat16 widened to float32) pass the same
-    checks, forced with PACE_KERNEL_ISA on a CPU that has more."""
+    AVX-512 path without BF16 dot products or VNNI (a Skylake-X: bfloat16 widened to
+    float32, int8/int4 through the AVX2 kernels beside the AVX-512 input quantization)
+    pass the same checks, forced with PACE_KERNEL_ISA on a CPU that has more."""
     _native_or_skip()
     if os.environ.get("PACE_KERNEL_ISA"):
         pytest.skip("already on a forced path")

@@ -85,7 +85,7 @@ Isa pick_isa() {
       PACE_FILL(t, BF16, panels_bf16dp_avx512, 13);
     else
       PACE_FILL(t, BF16, panels_bf16_avx512, 12);
-    if (__builtin_cpu_supports("avx512vnni")) {
+    if (want != "avx512" && __builtin_cpu_supports("avx512vnni")) {  // else as Skylake-X: AVX2 integer sums
       PACE_FILL(t, INT8, panels_int8_avx512, 13);
       PACE_FILL(t, INT4, panels_int4_avx512, 13);
     } else {
