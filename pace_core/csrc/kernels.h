@@ -644,6 +644,22 @@ PACE_AVX2 void quantize_row<Avx2>(const float* x, int64_t kp, int8_t* q, int64_t
   }
 }
 
+// o[0 .. NB vectors) = inv * sum over j of p[j] * v[j, 0 .. NB vectors), each lane summed in
+// key order (one FMA chain per lane, as a single vector's loop would: the same bits), the NB
+// chains side by side so that the FMA latency is paid once per key, not NB times
+template <class V, class T, int NB>
+inline void weighted_sum(const float* p, const T* v, int64_t L, int64_t D, float inv, float* o) {
+  using Vec = typename V::Vec;
+  constexpr int W = V::kLanes;
+  Vec acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = V::zero();
+  for (int64_t j = 0; j < L; ++j) {
+    const Vec s = V::set1(p[j]);
+    for (int b = 0; b < NB; ++b) acc[b] = V::fma(s, V::load(v + j * D + b * W), acc[b]);
+  }
+  for (int b = 0; b < NB; ++b) V::store(o + b * W, V::mul(acc[b], V::set1(inv)));
+}
+
 // One query row of one head: o = softmax(q . K^T * scale) V over keys 0..L-1, each stage
 // in key order, so the result depends on nothing but this query and these keys. (T: the
 // cache's float, or uint16_t for a bfloat16 cache, widened exactly)
@@ -653,7 +669,20 @@ inline void attend_row(const float* q, const T* k, const T* v, int64_t L, int64_
   using Vec = typename V::Vec;
   constexpr int W = V::kLanes;
   float top = -INFINITY;
-  for (int64_t j = 0; j < L; ++j) {
+  int64_t j = 0;
+  if (D % W == 0)  // four keys side by side (four FMA chains), each summed as alone below
+    for (; j + 4 <= L; j += 4) {
+      Vec acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+      for (int64_t d = 0; d < D; d += W) {
+        const Vec qd = V::load(q + d);
+        for (int u = 0; u < 4; ++u) acc[u] = V::fma(qd, V::load(k + (j + u) * D + d), acc[u]);
+      }
+      for (int u = 0; u < 4; ++u) {
+        scores[j + u] = V::sum(acc[u]) * scale;
+        top = std::max(top, scores[j + u]);
+      }
+    }
+  for (; j < L; ++j) {
     Vec acc = V::zero();
     int64_t d = 0;
     for (; d + W <= D; d += W) acc = V::fma(V::load(q + d), V::load(k + j * D + d), acc);
@@ -682,10 +711,20 @@ inline void attend_row(const float* q, const T* k, const T* v, int64_t L, int64_
   }
   const float inv = 1.0f / sum;
   int64_t d = 0;
-  for (; d + W <= D; d += W) {
-    Vec acc = V::zero();
-    for (int64_t j = 0; j < L; ++j) acc = V::fma(V::set1(scores[j]), V::load(v + j * D + d), acc);
-    V::store(o + d, V::mul(acc, V::set1(inv)));
+  while (d + W <= D) {  // up to kMaxBlocks vectors of the output a pass over the values
+    constexpr int64_t kMaxBlocks = W == 16 ? 8 : 4;
+    const int64_t nb = std::min<int64_t>(kMaxBlocks, (D - d) / W);
+    switch (nb) {
+      case 8: weighted_sum<V, T, (W == 16 ? 8 : 4)>(scores, v + d, L, D, inv, o + d); break;
+      case 7: weighted_sum<V, T, (W == 16 ? 7 : 4)>(scores, v + d, L, D, inv, o + d); break;
+      case 6: weighted_sum<V, T, (W == 16 ? 6 : 4)>(scores, v + d, L, D, inv, o + d); break;
+      case 5: weighted_sum<V, T, (W == 16 ? 5 : 4)>(scores, v + d, L, D, inv, o + d); break;
+      case 4: weighted_sum<V, T, 4>(scores, v + d, L, D, inv, o + d); break;
+      case 3: weighted_sum<V, T, 3>(scores, v + d, L, D, inv, o + d); break;
+      case 2: weighted_sum<V, T, 2>(scores, v + d, L, D, inv, o + d); break;
+      default: weighted_sum<V, T, 1>(scores, v + d, L, D, inv, o + d);
+    }
+    d += nb * W;
   }
   for (; d < D; ++d) {
     float acc = 0.0f;
