@@ -264,6 +264,15 @@ void prepare_row(const Linear& L, const float* x, int64_t m, int64_t rows, Prepa
   }
 }
 
+Act act_of(const Linear& L, const float* x, int64_t ldx, int64_t rows, const Prepared& p);
+
+// Every one of the `rows` rows of x prepared (one thread), and the Act L's kernel reads
+Act prepared_act(const Linear& L, const float* x, int64_t ldx, int64_t rows, Prepared& p) {
+  if (needs_prepare(L))
+    for (int64_t m = 0; m < rows; ++m) prepare_row(L, x + m * ldx, m, rows, p);
+  return act_of(L, x, ldx, rows, p);
+}
+
 Act act_of(const Linear& L, const float* x, int64_t ldx, int64_t rows, const Prepared& p) {
   Act a;
   if (!needs_prepare(L)) {
@@ -525,6 +534,23 @@ class Model : public torch::CustomClassHolder {
       };
       std::vector<float> scores(start + n + 16);
       auto [r0, r1] = share(n, t, T);
+      // this thread's panels of L over the `rows` rows of x (prepared in prep where L needs it)
+      auto linear = [&](const Linear& L, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy, Out mode) {
+        auto [p0, p1] = share(L.panels(), t, T);
+        linear_panels(L, act_of(L, x, ldx, rows, prep), rows, y, ldy, p0, p1, mode);
+      };
+      // a linear whose input rows are not prepared yet: this thread's rows, then the linear
+      auto prepare_and_linear = [&](const Linear& L, const float* x, int64_t ldx, float* y, int64_t ldy, Out mode,
+                                    Stage prep_stage, Stage stage) {
+        if (needs_prepare(L)) {
+          for (int64_t m = r0; m < r1; ++m) prepare_row(L, x + m * ldx, m, n, prep);
+#pragma omp barrier
+          mark(prep_stage);
+        }
+        linear(L, x, ldx, n, y, ldy, mode);
+#pragma omp barrier
+        mark(stage);
+      };
       for (int64_t m = r0; m < r1; ++m) embed_row(ids[m], h + m * ld_h_);
 #pragma omp barrier
         mark(EMBED);
@@ -537,10 +563,7 @@ class Model : public torch::CustomClassHolder {
         }
 #pragma omp barrier
         mark(NORM);
-        {
-          auto [p0, p1] = share(L.qkv.panels(), t, T);
-          linear_panels(L.qkv, act_of(L.qkv, xn, ld_xn_, n, prep), n, qkv, ld_qkv_, p0, p1, STORE);
-        }
+        linear(L.qkv, xn, ld_xn_, n, qkv, ld_qkv_, STORE);
 #pragma omp barrier
         mark(QKV);
         // q/k norms (Qwen3), rotary embedding, K and V into the cache
@@ -591,40 +614,17 @@ class Model : public torch::CustomClassHolder {
         }
 #pragma omp barrier
         mark(ATTENTION);
-        if (needs_prepare(L.o)) {
-          for (int64_t m = r0; m < r1; ++m) prepare_row(L.o, attn + m * ld_attn_, m, n, prep);
-#pragma omp barrier
-        mark(O_PREP);
-        }
-        {
-          auto [p0, p1] = share(L.o.panels(), t, T);
-          linear_panels(L.o, act_of(L.o, attn, ld_attn_, n, prep), n, h, ld_h_, p0, p1, ADD);
-        }
-#pragma omp barrier
-        mark(O);
+        prepare_and_linear(L.o, attn, ld_attn_, h, ld_h_, ADD, O_PREP, O);
         for (int64_t m = r0; m < r1; ++m) {
           I.rms_norm(h + m * ld_h_, L.post_norm, xn + m * ld_xn_, hidden_, eps_);
           if (needs_prepare(L.gate_up)) prepare_row(L.gate_up, xn + m * ld_xn_, m, n, prep);
         }
 #pragma omp barrier
         mark(POST_NORM);
-        {  // silu(gate) * up, a panel (16 units) at a time
-          auto [p0, p1] = share(L.gate_up.panels(), t, T);
-          linear_panels(L.gate_up, act_of(L.gate_up, xn, ld_xn_, n, prep), n, act, ld_act_, p0, p1, SILU_MUL);
-        }
+        linear(L.gate_up, xn, ld_xn_, n, act, ld_act_, SILU_MUL);  // silu(gate) * up, a panel (16 units) at a time
 #pragma omp barrier
         mark(GATE_UP);
-        if (needs_prepare(L.down)) {
-          for (int64_t m = r0; m < r1; ++m) prepare_row(L.down, act + m * ld_act_, m, n, prep);
-#pragma omp barrier
-        mark(DOWN_PREP);
-        }
-        {
-          auto [p0, p1] = share(L.down.panels(), t, T);
-          linear_panels(L.down, act_of(L.down, act, ld_act_, n, prep), n, h, ld_h_, p0, p1, ADD);
-        }
-#pragma omp barrier
-        mark(DOWN);
+        prepare_and_linear(L.down, act, ld_act_, h, ld_h_, ADD, DOWN_PREP, DOWN);
       }
       if (num_logits == 0) {
         for (int64_t m = r0; m < r1; ++m) std::memcpy(out + m * hidden_, h + m * ld_h_, hidden_ * 4);
@@ -640,8 +640,7 @@ class Model : public torch::CustomClassHolder {
         Linear head = head_;
         head.N = logit_rows_;
         head.Np = round_up(logit_rows_, kPanel);
-        auto [p0, p1] = share(head.panels(), t, T);
-        linear_panels(head, act_of(head, xn, ld_xn_, num_logits, prep), num_logits, out, logit_rows_, p0, p1, STORE);
+        linear(head, xn, ld_xn_, num_logits, out, logit_rows_, STORE);
 #pragma omp barrier
         mark(HEAD);
       }
@@ -671,20 +670,27 @@ class Model : public torch::CustomClassHolder {
 };
 
 // ---------------------------------------------------------------- standalone ops (tests, profiling)
-// y = x @ W^T (+ bias) for x (M, K) float32 and a packed weight
-at::Tensor linear_op(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale,
-                     const std::optional<at::Tensor>& bias_in, int64_t fmt, int64_t N) {
-  TORCH_CHECK(available(), "the native kernels need a CPU with AVX2 and FMA");
-  const int64_t K = x_in.size(-1);
+// The Linear of a packed (N, K) weight in format fmt (its scales for int8/int4)
+Linear standalone_linear(const at::Tensor& packed, const at::Tensor& scale, int64_t fmt, int64_t N, int64_t K,
+                         const char* op) {
   Linear L;
   L.fmt = int32_t(fmt);
   L.N = N;
   L.K = K;
   L.Np = round_up(N, kPanel);
   L.Kp = round_up(K, k_align(fmt));
-  TORCH_CHECK(packed.numel() == L.Np / kPanel * panel_bytes(L.fmt, L.Kp), "linear: packed weight of the wrong size");
+  TORCH_CHECK(packed.numel() == L.Np / kPanel * panel_bytes(L.fmt, L.Kp), op, ": packed weight of the wrong size");
   L.w = packed.data_ptr<uint8_t>();
   if (fmt == INT8 || fmt == INT4) L.scale = scale.data_ptr<float>();
+  return L;
+}
+
+// y = x @ W^T (+ bias) for x (M, K) float32 and a packed weight
+at::Tensor linear_op(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale,
+                     const std::optional<at::Tensor>& bias_in, int64_t fmt, int64_t N) {
+  TORCH_CHECK(available(), "the native kernels need a CPU with AVX2 and FMA");
+  const int64_t K = x_in.size(-1);
+  Linear L = standalone_linear(packed, scale, fmt, N, K, "linear");
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) {
     bias = at::zeros({L.Np}, at::kFloat);
@@ -700,9 +706,7 @@ at::Tensor linear_op(const at::Tensor& x_in, const at::Tensor& packed, const at:
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, M - m0);
     const float* xp = x.data_ptr<float>() + m0 * L.Kp;
-    for (int64_t m = 0; m < rows; ++m)
-      if (needs_prepare(L)) prepare_row(L, xp + m * L.Kp, m, rows, prep);
-    const Act a = act_of(L, xp, L.Kp, rows, prep);
+    const Act a = prepared_act(L, xp, L.Kp, rows, prep);
 #pragma omp parallel num_threads(at::get_num_threads())
     {
       auto [p0, p1] = share(L.panels(), omp_get_thread_num(), omp_get_num_threads());
@@ -738,15 +742,7 @@ at::Tensor attention_op(const at::Tensor& q_in, const at::Tensor& k_cache, const
 
 // The dequantized (N, K) float32 weight of a packed linear: what its kernel multiplies by
 at::Tensor unpack_op(const at::Tensor& packed, const at::Tensor& scale, int64_t fmt, int64_t N, int64_t K) {
-  Linear L;
-  L.fmt = int32_t(fmt);
-  L.N = N;
-  L.K = K;
-  L.Np = round_up(N, kPanel);
-  L.Kp = round_up(K, k_align(fmt));
-  TORCH_CHECK(packed.numel() == L.Np / kPanel * panel_bytes(L.fmt, L.Kp), "unpack: packed weight of the wrong size");
-  L.w = packed.data_ptr<uint8_t>();
-  if (fmt == INT8 || fmt == INT4) L.scale = scale.data_ptr<float>();
+  const Linear L = standalone_linear(packed, scale, fmt, N, K, "unpack");
   at::Tensor out = at::empty({N, K}, at::kFloat);
   for (int64_t n = 0; n < N; ++n) unpack_row(L, n, out.data_ptr<float>() + n * K);
   return out;
@@ -761,20 +757,11 @@ double kernel_seconds(int64_t fmt, int64_t rows, int64_t N, int64_t K, int64_t r
   TORCH_CHECK(format_available(fmt) && rows >= 1 && rows <= kMaxRows, "kernel_seconds: bad arguments");
   const at::Tensor weight = at::randn({N, K}) * 0.05;
   const std::vector<at::Tensor> packed = pack(weight, fmt);
-  Linear L;
-  L.fmt = int32_t(fmt);
-  L.N = N;
-  L.K = K;
-  L.Np = round_up(N, kPanel);
-  L.Kp = round_up(K, k_align(fmt));
-  L.w = packed[0].data_ptr<uint8_t>();
-  if (fmt == INT8 || fmt == INT4) L.scale = packed[1].data_ptr<float>();
+  const Linear L = standalone_linear(packed[0], packed[1], fmt, N, K, "kernel_seconds");
   const at::Tensor x = at::randn({rows, L.Kp});
   Prepared prep;
   prep.reserve(rows, L.Kp);
-  for (int64_t m = 0; m < rows; ++m)
-    if (needs_prepare(L)) prepare_row(L, x.data_ptr<float>() + m * L.Kp, m, rows, prep);
-  const Act a = act_of(L, x.data_ptr<float>(), L.Kp, rows, prep);
+  const Act a = prepared_act(L, x.data_ptr<float>(), L.Kp, rows, prep);
   std::vector<float> y(rows * L.Np);
   linear_panels(L, a, rows, y.data(), L.Np, 0, L.panels(), STORE);  // warm-up: the weight into cache
   const auto t0 = std::chrono::steady_clock::now();
