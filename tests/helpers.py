@@ -1,8 +1,10 @@
 """Helpers shared by the slow Ray Serve tests."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import time
 
 import pytest
@@ -30,6 +32,41 @@ def wait_for(pred, timeout, what, interval=0.5):
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_serve(namespace: str, num_cpus: int = 4, env: dict | None = None):
+    """A private Ray node (explicit num_cpus, no dashboard) with Serve's HTTP proxy on a
+    free 127.0.0.1 port, which it yields; ``env`` and PACE_PIN=0 (the pinning tests live
+    in test_cluster_serve_pinning.py) set for its processes. Serve and Ray shut down
+    after, the environment restored."""
+    import ray
+    from ray import serve
+
+    env = {"PACE_PIN": "0", **(env or {})}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace=namespace)
+        try:
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            yield port
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def two_slot_serve(tmp_path, monkeypatch, namespace: str):

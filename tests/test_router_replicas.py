@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 
 import httpx
 import psutil
 import pytest
-from helpers import engine_pids, wait_for
+from helpers import engine_pids, local_serve, wait_for
 
 APP = "pair"
 MAX_QUEUED = 4  # over 2 routers: each admits 1 running + 2 waiting
@@ -20,28 +19,17 @@ MAX_QUEUED = 4  # over 2 routers: each admits 1 running + 2 waiting
 @pytest.fixture(scope="module")
 def pair(tiny_pair):
     """(url, handle) of an app with 2 router replicas, 2 replicas and a queue bound of 4."""
-    import ray
     from ray import serve
 
     from deployments.app import build_app
 
-    os.environ["PACE_PIN"] = "0"
     target, draft = tiny_pair
-    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="pace-router-replicas-test")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve("pace-router-replicas-test") as port:
         model = {"model_name_or_path": target, "dtype": "float32",
                  "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 3}}
         handle = serve.run(build_app({"model": model, "num_replicas": 2, "router_replicas": 2,
                                       "max_queued_requests": MAX_QUEUED}), name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}", handle
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        os.environ.pop("PACE_PIN", None)
 
 
 def router_pids() -> list[int]:

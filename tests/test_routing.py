@@ -3,7 +3,6 @@ two replicas of the tiny models."""
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 
@@ -263,27 +262,19 @@ def two_replicas(tmp_path_factory):
     on a private 2-CPU Ray, HTTP on 127.0.0.1. The model is the tiny test target
     (conftest's) with a 32k context and no draft: the 512-token context would end any
     generation within a second, too soon to keep a replica busy."""
-    import ray
     from ray import serve
 
     from deployments.app import build_app
+    from helpers import local_serve
     from pace_core.testing import build_pair
 
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPUs")
     target, _ = build_pair(tmp_path_factory.mktemp("long-context") / "qwen2", "qwen2", max_position_embeddings=32768)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="pace-routing-test")
-    try:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve("pace-routing-test", num_cpus=2) as port:
         args = {"model": {"model_name_or_path": target, "dtype": "float32"}, "num_replicas": 2, "cores_per_slot": 1,
                 "pin": False, "slot_resource": "never", "affinity_wait_s": WAIT}
         yield serve.run(build_app(args), name="routing", route_prefix="/"), f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def keep_busy(stream) -> tuple[list, callable]:

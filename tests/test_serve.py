@@ -7,23 +7,16 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import DROPPED, dropping_tokenizer, engine_pids, sse_events, wait_for
+from helpers import DROPPED, dropping_tokenizer, engine_pids, local_serve, sse_events, wait_for
 
 from pace_core import Final, RequestError, Usage
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deploy_config(applications: list[dict], timeout: float = 120) -> dict:
@@ -52,44 +45,29 @@ def server(tiny_pair, tmp_path_factory):
     """App "pace" (2 replicas, queue bound 8) at /; app "one" (1 replica, its API key in
     a file) at /one, deployed from a config as `serve deploy` does."""
     import httpx
-    import ray
     from ray import serve
 
     from deployments.app import build_app
 
     from pace_core.numa import NODE_ENV
 
-    os.environ["PACE_PIN"] = "0"  # the pinning tests live in test_cluster_serve_pinning.py
-    saved = {k: os.environ.get(k) for k in NODE_ENV}
-    os.environ.update(NODE_ENV)  # as the README's serve command starts Ray: Serve's proxy loads deployments.proxy
     target, draft = tiny_pair
     key_file = tmp_path_factory.mktemp("secrets") / "api_key"
     key_file.write_text(API_KEY + "\n")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="pace-serve-test")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = {"model": {"model_name_or_path": target, "dtype": "float32",
-                        "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 3}}}
-    handle = serve.run(build_app({**common, "num_replicas": 2, "max_queued_requests": 8}), name="pace", route_prefix="/")
-    # app "one"'s tokenizer drops one character (helpers.DROPPED), so a prompt can encode to no token
-    tokenizer = dropping_tokenizer(target, tmp_path_factory.mktemp("tokenizer"))
-    one = {"name": "one", "route_prefix": "/one", "import_path": "deployments.app:build_app",
-           "args": {"model": {**common["model"], "tokenizer_name_or_path": tokenizer}, "num_replicas": 1,
-                    "api_key_file": str(key_file), "served_model_name": "one"}}
-    assert deploy_config([one]) == {"one": ("RUNNING", "")}
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    try:
-        yield {"client": client, "handle": handle, "port": port, "url": f"http://127.0.0.1:{port}"}
-    finally:
-        client.close()
-        serve.shutdown()
-        ray.shutdown()
-        os.environ.pop("PACE_PIN", None)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # Ray started as the README's serve command starts it (NODE_ENV): Serve's proxy loads deployments.proxy
+    with local_serve("pace-serve-test", env=NODE_ENV) as port:
+        common = {"model": {"model_name_or_path": target, "dtype": "float32",
+                            "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 3}}}
+        handle = serve.run(build_app({**common, "num_replicas": 2, "max_queued_requests": 8}), name="pace",
+                           route_prefix="/")
+        # app "one"'s tokenizer drops one character (helpers.DROPPED), so a prompt can encode to no token
+        tokenizer = dropping_tokenizer(target, tmp_path_factory.mktemp("tokenizer"))
+        one = {"name": "one", "route_prefix": "/one", "import_path": "deployments.app:build_app",
+               "args": {"model": {**common["model"], "tokenizer_name_or_path": tokenizer}, "num_replicas": 1,
+                        "api_key_file": str(key_file), "served_model_name": "one"}}
+        assert deploy_config([one]) == {"one": ("RUNNING", "")}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            yield {"client": client, "handle": handle, "port": port, "url": f"http://127.0.0.1:{port}"}
 
 
 @pytest.fixture(scope="module")

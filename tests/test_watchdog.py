@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 
 import psutil
 import pytest
 
-from helpers import sse_events, wait_for
+from helpers import local_serve, sse_events, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -24,32 +23,21 @@ HEALTH_CHECK_PERIOD_S = 5  # LLMReplica's health_check_period_s: how late Serve 
 @pytest.fixture(scope="module")
 def server(tiny_pair):
     import httpx
-    import ray
     from ray import serve
 
     from deployments.app import build_app
 
-    os.environ["PACE_PIN"] = "0"
     target, draft = tiny_pair
-    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="pace-watchdog-test")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = {"model": {"model_name_or_path": target, "dtype": "float32",
-                        "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 3}}, "num_replicas": 1}
-    serve.run(build_app({**common, "engine_step_timeout_s": STEP_TIMEOUT_S, "served_model_name": "stall"}),
-              name="stall", route_prefix="/stall")
-    serve.run(build_app({**common, "request_timeout_s": REQUEST_TIMEOUT_S, "served_model_name": "timed"}),
-              name="timed", route_prefix="/timed")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    try:
-        yield client
-    finally:
-        client.close()
-        serve.shutdown()
-        ray.shutdown()
-        os.environ.pop("PACE_PIN", None)
+    with local_serve("pace-watchdog-test") as port:
+        common = {"model": {"model_name_or_path": target, "dtype": "float32",
+                            "pard_config": {"model_name_or_path": draft, "num_speculative_tokens": 3}},
+                  "num_replicas": 1}
+        serve.run(build_app({**common, "engine_step_timeout_s": STEP_TIMEOUT_S, "served_model_name": "stall"}),
+                  name="stall", route_prefix="/stall")
+        serve.run(build_app({**common, "request_timeout_s": REQUEST_TIMEOUT_S, "served_model_name": "timed"}),
+                  name="timed", route_prefix="/timed")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            yield client
 
 
 def _replica_info(app: str) -> dict:
