@@ -279,9 +279,11 @@ def _tokens_generated(handle, replicas: int = 2) -> int:
     PROBE_TOKENS request on each replica at once (new sessions spread over the free ones;
     each long enough to keep its replica while the other is routed), each reporting its
     engine's count in its Final (itself included); a replica no probe reached (another
-    request held it) gets another probe."""
+    request held it, or its engine was restarting after an earlier test) gets another
+    probe, for up to a minute."""
     engines: dict[int, int] = {}
-    for _ in range(5):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         outs = [handle.generate.remote("x", {"max_new_tokens": PROBE_TOKENS, "ignore_eos": True},
                                        session_id=f"probe-{_probes_sent[0] + i}-{time.time()}")
                 for i in range(replicas - len(engines))]
@@ -291,6 +293,7 @@ def _tokens_generated(handle, replicas: int = 2) -> int:
             engines[pid] = max(engines.get(pid, 0), out["engine"]["tokens_generated"])
         if len(engines) == replicas:
             return sum(engines.values()) - PROBE_TOKENS * _probes_sent[0]
+        time.sleep(0.5)
     raise AssertionError(f"probes reached only {engines}")
 
 
