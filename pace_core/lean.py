@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .runner import linear_weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -232,10 +233,7 @@ class LeanRunner:
 
     def weight_bytes(self) -> int:
         """Bytes of weights one forward streams (packed linears and the output projection)."""
-        if self.native:
-            return self.packed_bytes
-        return sum(m.weight.numel() * m.weight.element_size() for m in self.model.modules()
-                   if isinstance(m, torch.nn.Linear))
+        return self.packed_bytes if self.native else linear_weight_bytes(self.model)
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, min(2 * self.capacity, self.max_len))

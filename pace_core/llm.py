@@ -202,9 +202,9 @@ class LLMModel:
     def forward_kind(self) -> str:
         """How the target's forward runs: ``lean-native`` (the C++ forward), ``lean-python``
         or ``transformers`` (see ``runner=`` and :mod:`pace_core.native`)."""
-        if hasattr(self.target, "native") and not isinstance(self.target, CausalLMRunner):
-            return "lean-native" if self.target.native else "lean-python"
-        return "transformers"
+        if isinstance(self.target, CausalLMRunner):
+            return "transformers"
+        return "lean-native" if self.target.native else "lean-python"
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -25,9 +25,7 @@ class CausalLMRunner:
         self.seq_len = 0
 
     def weight_bytes(self) -> int:
-        """Bytes of weights one forward streams (every linear, the output projection included)."""
-        return sum(m.weight.numel() * m.weight.element_size() for m in self.model.modules()
-                   if isinstance(m, torch.nn.Linear))
+        return linear_weight_bytes(self.model)
 
     def reset(self) -> None:
         from transformers import DynamicCache
@@ -52,6 +50,11 @@ class CausalLMRunner:
         every forward (0 included): sliding-window layers then trim back to their window."""
         self.cache.crop(-max(num_tokens, 0))
         self.seq_len -= max(num_tokens, 0)
+
+
+def linear_weight_bytes(model) -> int:
+    """Bytes of weights one forward of ``model`` streams (every linear, the output projection included)."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def make_runner(model, kind: str = "auto", vocab_limit: int | None = None, quantization: str | None = None,
